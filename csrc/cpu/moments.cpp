@@ -1,0 +1,98 @@
+// Per-channel batch moments (mean, M2) in one pass over memory: each work item (a few KiB, resident in L1)
+// is summed in double for its mean, then its deviations from that mean are summed; the items are merged with
+// Chan's formula. Never E[x²] − E[x]².
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+
+#include "../common/welford.h"
+#include "lanes.h"
+#include "work_items.h"
+
+namespace fusedbn::cpu {
+namespace {
+
+using Stats = Moments<double>;
+
+// Moments of n values from the sums of their deviations d = x − shift: mean = shift + Σd/n and
+// M2 = Σd² − (Σd)²/n (exact for any shift; accurate because the shift is the item's own mean).
+Stats moments_from_deviations(double n, double mean, double sum_d, double sum_d2) {
+  return {n, mean, std::max(0.0, sum_d2 - sum_d * sum_d / n)};
+}
+
+template <typename scalar_t>
+Stats span_item_moments(const scalar_t* x, const Layout& l, const SpanItem& it) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t len = it.inner_end - it.inner_begin;
+  auto span = [&](int64_t o) { return x + (o * l.channels + it.channel) * l.inner + it.inner_begin; };
+  double sum = 0;
+  for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
+    const scalar_t* xs = span(o);
+    sum += lane_sum<double>(len, [&](int64_t i) { return static_cast<double>(xs[i]); });
+  }
+  const double n = static_cast<double>((it.outer_end - it.outer_begin) * len);
+  const double mean = sum / n;
+  const opmath_t shift = static_cast<opmath_t>(mean);
+  double sum_d = 0, sum_d2 = 0;
+  for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
+    const scalar_t* xs = span(o);
+    const auto [d1, d2] = lane_sum2<opmath_t>(len, [&](int64_t i) {
+      const opmath_t d = static_cast<opmath_t>(xs[i]) - shift;
+      return std::pair<opmath_t, opmath_t>(d, d * d);
+    });
+    sum_d += d1;
+    sum_d2 += d2;
+  }
+  return moments_from_deviations(n, static_cast<double>(shift) + sum_d / n, sum_d, sum_d2);
+}
+
+template <typename scalar_t>
+void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int64_t row_end, Stats* out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t C = l.channels;
+  std::vector<double> sum(C, 0.0);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const scalar_t* row = x + r * C;
+    for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<double>(row[c]);
+  }
+  const double n = static_cast<double>(row_end - row_begin);
+  std::vector<opmath_t> shift(C), s1(C, 0), s2(C, 0);
+  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(sum[c] / n);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const scalar_t* row = x + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const opmath_t d = static_cast<opmath_t>(row[c]) - shift[c];
+      s1[c] += d;
+      s2[c] += d * d;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    out[c] = moments_from_deviations(n, static_cast<double>(shift[c]) + s1[c] / n, s1[c], s2[c]);
+  }
+}
+
+}  // namespace
+
+void batch_moments(const at::Tensor& input, Layout layout, at::Tensor& mean, at::Tensor& m2) {
+  std::vector<Stats> stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedbn_batch_moments", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    stats = reduce_per_channel<Stats>(
+        layout, Stats{0, 0, 0},
+        [&](const SpanItem& it) { return span_item_moments(x, layout, it); },
+        [&](int64_t r0, int64_t r1, Stats* out) { row_item_moments(x, layout, r0, r1, out); },
+        [](const Stats& a, const Stats& b) { return chan_merge(a, b); });
+  });
+  std::vector<double> means(layout.channels), m2s(layout.channels);
+  for (int64_t c = 0; c < layout.channels; ++c) {
+    means[c] = stats[c].mean;
+    m2s[c] = stats[c].m2;
+  }
+  store_channel_vector(mean, means);
+  store_channel_vector(m2, m2s);
+}
+
+}  // namespace fusedbn::cpu

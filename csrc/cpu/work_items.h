@@ -1,0 +1,130 @@
+// How the CPU kernels split a dense [outer, C, inner] array (see Layout) into work items.
+//
+// Reductions are computed per item and merged per channel in item order. Items have a fixed size that
+// depends only on the shape, never on the number of threads, so every result is bitwise the same for any
+// thread count. Items are also small enough (kItemElems) to stay in L1 between the passes that one item
+// makes over its data.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/kernel_args.h"
+
+namespace fusedbn::cpu {
+
+constexpr int64_t kItemElems = 4096;     // planar items: elements of one channel
+constexpr int64_t kRowItemElems = 16384; // interleaved items: rows × channels
+constexpr int64_t kGrainElems = 32768;   // elements below which a loop is not worth a thread
+
+// Planar layouts (inner > 1): an item is a run of whole spans of one channel, or a piece of one span.
+// A span is the `inner` contiguous values of channel c in outer index o.
+struct SpanItem {
+  int64_t channel;
+  int64_t outer_begin, outer_end;  // spans [outer_begin, outer_end)
+  int64_t inner_begin, inner_end;  // positions within each span
+};
+
+struct PlanarItems {
+  Layout layout;
+  int64_t pieces_per_span;  // > 1 when one span is longer than an item
+  int64_t spans_per_item;   // > 1 when several spans fit in one item
+  int64_t per_channel;      // items per channel
+
+  explicit PlanarItems(Layout l) : layout(l) {
+    pieces_per_span = std::max<int64_t>(1, (l.inner + kItemElems - 1) / kItemElems);
+    spans_per_item = pieces_per_span > 1 ? 1 : std::max<int64_t>(1, kItemElems / std::max<int64_t>(l.inner, 1));
+    per_channel = pieces_per_span > 1 ? l.outer * pieces_per_span
+                                      : (l.outer + spans_per_item - 1) / spans_per_item;
+  }
+
+  SpanItem item(int64_t channel, int64_t k) const {
+    if (pieces_per_span > 1) {
+      const int64_t o = k / pieces_per_span, piece = k % pieces_per_span;
+      const int64_t piece_len = (layout.inner + pieces_per_span - 1) / pieces_per_span;
+      return {channel, o, o + 1, piece * piece_len, std::min(layout.inner, (piece + 1) * piece_len)};
+    }
+    const int64_t o = k * spans_per_item;
+    return {channel, o, std::min(layout.outer, o + spans_per_item), 0, layout.inner};
+  }
+
+  int64_t item_elems() const {
+    return pieces_per_span > 1 ? (layout.inner + pieces_per_span - 1) / pieces_per_span
+                               : spans_per_item * layout.inner;
+  }
+};
+
+// Interleaved layouts (inner == 1): an item is a block of rows holding every channel.
+inline int64_t rows_per_item(const Layout& l) {
+  return std::max<int64_t>(1, kRowItemElems / std::max<int64_t>(l.channels, 1));
+}
+
+inline int64_t grain_items(int64_t item_elems) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(item_elems, 1));
+}
+
+// Per-channel reduction. span_fn(const SpanItem&) -> Partial for planar layouts;
+// rows_fn(row_begin, row_end, Partial* per_channel) for interleaved ones; merge(Partial, Partial) -> Partial.
+// Returns one Partial per channel; `zero` is the identity of merge.
+template <typename Partial, typename SpanFn, typename RowsFn, typename Merge>
+std::vector<Partial> reduce_per_channel(const Layout& l, Partial zero, const SpanFn& span_fn,
+                                        const RowsFn& rows_fn, const Merge& merge) {
+  const int64_t C = l.channels;
+  std::vector<Partial> result(C, zero);
+  if (l.numel() == 0) return result;
+  std::vector<Partial> partials;
+  int64_t per_channel;
+  if (l.inner > 1) {
+    const PlanarItems items(l);
+    per_channel = items.per_channel;
+    partials.assign(C * per_channel, zero);
+    at::parallel_for(0, C * per_channel, grain_items(items.item_elems()), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        partials[i] = span_fn(items.item(i / per_channel, i % per_channel));
+      }
+    });
+  } else {
+    const int64_t rows = rows_per_item(l);
+    const int64_t n_items = (l.outer + rows - 1) / rows;
+    partials.assign(n_items * C, zero);
+    at::parallel_for(0, n_items, grain_items(rows * C), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        rows_fn(k * rows, std::min(l.outer, (k + 1) * rows), partials.data() + k * C);
+      }
+    });
+    per_channel = n_items;
+    // Regroup as [channel][item] so that the merge below reads one channel contiguously.
+    std::vector<Partial> by_channel(partials.size());
+    for (int64_t k = 0; k < n_items; ++k)
+      for (int64_t c = 0; c < C; ++c) by_channel[c * n_items + k] = partials[k * C + c];
+    partials.swap(by_channel);
+  }
+  at::parallel_for(0, C, std::max<int64_t>(1, 4096 / per_channel), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      Partial acc = zero;
+      for (int64_t k = 0; k < per_channel; ++k) acc = merge(acc, partials[c * per_channel + k]);
+      result[c] = acc;
+    }
+  });
+  return result;
+}
+
+// Elementwise pass. span_fn(const SpanItem&) for planar layouts; rows_fn(row_begin, row_end) for
+// interleaved ones.
+template <typename SpanFn, typename RowsFn>
+void for_each_item(const Layout& l, const SpanFn& span_fn, const RowsFn& rows_fn) {
+  if (l.numel() == 0) return;
+  if (l.inner > 1) {
+    const PlanarItems items(l);
+    const int64_t per_channel = items.per_channel;
+    at::parallel_for(0, l.channels * per_channel, grain_items(items.item_elems()), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) span_fn(items.item(i / per_channel, i % per_channel));
+    });
+  } else {
+    at::parallel_for(0, l.outer, grain_items(l.channels), [&](int64_t begin, int64_t end) { rows_fn(begin, end); });
+  }
+}
+
+}  // namespace fusedbn::cpu

@@ -1,0 +1,335 @@
+// Operator schemas and their device-independent implementations: argument checks (before any buffer is
+// touched), layout, allocation, and the sequence of backend kernels.
+#include "ops.h"
+
+#include <ATen/ATen.h>
+#include <Python.h>
+
+#include <array>
+#include <cmath>
+#include <optional>
+#include <string>
+
+namespace fusedbn {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+std::array<const Backend*, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)> g_backends{};
+
+const Backend& backend_for(const Tensor& t) {
+  const Backend* b = g_backends[static_cast<size_t>(t.device().type())];
+  TORCH_CHECK(b != nullptr, "fusedbn: no kernels for device ", t.device(),
+              " (was fusedbn built with CUDA support? see fusedbn.cuda_available())");
+  return *b;
+}
+
+Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+
+// ---- argument checks ----------------------------------------------------------------------------------
+
+void check_input(const Tensor& input, const char* name = "input") {
+  TORCH_CHECK_VALUE(input.dim() == 4, "fusedbn: expected 4D ", name, " (got ", input.dim(), "D ", name, ")");
+  const auto t = input.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "fusedbn: ", name,
+                   " must be float64, float32, float16 or bfloat16, got ", t);
+}
+
+// Per-channel tensors have C elements and the input's dtype, or float32 when the input is float16/bfloat16
+// (parameters and statistics kept in float32, as nn.BatchNorm2d allows).
+void check_channel_tensor(const Tensor& t, const char* name, const Tensor& input) {
+  if (!t.defined()) return;
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == input.size(1), "fusedbn: ", name, " must be a 1-D tensor of ",
+                    input.size(1), " elements (one per channel), got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == input.device(), "fusedbn: ", name, " is on ", t.device(),
+                    " but input is on ", input.device());
+  const bool low_precision = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type() || (low_precision && t.scalar_type() == at::kFloat),
+                   "fusedbn: ", name, " must have dtype ", input.scalar_type(),
+                   low_precision ? " or float32" : "", " like the input, got ", t.scalar_type());
+}
+
+void check_like_input(const Tensor& t, const char* name, const Tensor& input) {
+  if (!t.defined()) return;
+  TORCH_CHECK_VALUE(t.sizes() == input.sizes(), "fusedbn: ", name, " must have the input's shape ", input.sizes(),
+                    ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), "fusedbn: ", name, " must have the input's dtype ",
+                   input.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == input.device(), "fusedbn: ", name, " is on ", t.device(),
+                    " but input is on ", input.device());
+}
+
+void check_eps(double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "fusedbn: eps must be a positive finite number, got ", eps);
+}
+
+void check_finite_nonnegative(double v, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, "fusedbn: ", name, " must be a finite number >= 0, got ", v);
+}
+
+// ---- layout -------------------------------------------------------------------------------------------
+
+// The dense format the kernels work in, and that outputs and gradients are returned in.
+at::MemoryFormat layout_format(const Tensor& x) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return x.suggest_memory_format();
+}
+
+Layout make_layout(const Tensor& x, at::MemoryFormat format) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  return format == at::MemoryFormat::ChannelsLast ? Layout{N * HW, C, 1} : Layout{N, C, HW};
+}
+
+at::ScalarType stats_dtype(const Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Tensor channel_empty(const Tensor& input) {
+  return at::empty({input.size(1)}, input.options().dtype(stats_dtype(input)));
+}
+
+Tensor dense(const Tensor& t, at::MemoryFormat format) { return t.defined() ? t.contiguous(format) : t; }
+
+// Outputs get canonical strides in `format` (what the fake kernels promise), whatever the input's strides.
+Tensor empty_in_format(const Tensor& x, at::MemoryFormat format) {
+  return at::empty(x.sizes(), x.options().memory_format(format));
+}
+
+// ---- forward ------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
+  check_input(input);
+  const auto format = layout_format(input);
+  const Tensor x = input.contiguous(format);
+  Tensor mean = channel_empty(x), m2 = channel_empty(x);
+  backend_for(x).batch_moments(x, make_layout(x, format), mean, m2);
+  return {mean, m2};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
+    const Tensor& input, const OptTensor& weight_opt, const OptTensor& bias_opt, const OptTensor& residual_opt,
+    const OptTensor& prior_mean_opt, const OptTensor& prior_var_opt, double prior_count, double eps,
+    c10::string_view activation, double negative_slope) {
+  const Tensor weight = value_or_undefined(weight_opt), bias = value_or_undefined(bias_opt);
+  const Tensor residual = value_or_undefined(residual_opt);
+  const Tensor prior_mean = value_or_undefined(prior_mean_opt), prior_var = value_or_undefined(prior_var_opt);
+  check_input(input);
+  check_channel_tensor(weight, "weight", input);
+  check_channel_tensor(bias, "bias", input);
+  check_like_input(residual, "residual", input);
+  check_channel_tensor(prior_mean, "prior_mean", input);
+  check_channel_tensor(prior_var, "prior_var", input);
+  check_eps(eps);
+  check_finite_nonnegative(prior_count, "prior_count");
+  TORCH_CHECK_VALUE(prior_count == 0 || (prior_mean.defined() && prior_var.defined()),
+                    "fusedbn: prior_count > 0 needs prior_mean and prior_var");
+  const Activation act = parse_activation(std::string(activation));
+
+  const auto format = layout_format(input);
+  const Tensor x = input.contiguous(format), z = dense(residual, format);
+  const Layout layout = make_layout(x, format);
+  const Backend& backend = backend_for(x);
+  Tensor batch_mean = channel_empty(x), batch_m2 = channel_empty(x);
+  backend.batch_moments(x, layout, batch_mean, batch_m2);
+  Tensor mean = channel_empty(x), invstd = channel_empty(x);
+  backend.batch_norm_stats(batch_mean, batch_m2, layout.count_per_channel(), prior_mean, prior_var, prior_count,
+                           eps, mean, invstd);
+  Tensor output = empty_in_format(x, format);
+  backend.normalize({x, z, mean, invstd, weight, bias, layout, act, negative_slope}, output);
+  return {output, mean, invstd, batch_mean, batch_m2};
+}
+
+std::tuple<Tensor, Tensor, Tensor> normalize(const Tensor& input, const OptTensor& weight_opt,
+                                             const OptTensor& bias_opt, const OptTensor& residual_opt,
+                                             const Tensor& mean_in, const Tensor& var_in, double eps,
+                                             c10::string_view activation, double negative_slope) {
+  const Tensor weight = value_or_undefined(weight_opt), bias = value_or_undefined(bias_opt);
+  const Tensor residual = value_or_undefined(residual_opt);
+  check_input(input);
+  check_channel_tensor(weight, "weight", input);
+  check_channel_tensor(bias, "bias", input);
+  check_like_input(residual, "residual", input);
+  check_channel_tensor(mean_in, "mean", input);
+  check_channel_tensor(var_in, "var", input);
+  check_eps(eps);
+  const Activation act = parse_activation(std::string(activation));
+
+  const auto format = layout_format(input);
+  const Tensor x = input.contiguous(format), z = dense(residual, format);
+  const Layout layout = make_layout(x, format);
+  const Backend& backend = backend_for(x);
+  Tensor mean = channel_empty(x), invstd = channel_empty(x);
+  backend.fixed_norm_stats(mean_in, var_in, eps, mean, invstd);
+  Tensor output = empty_in_format(x, format);
+  backend.normalize({x, z, mean, invstd, weight, bias, layout, act, negative_slope}, output);
+  return {output, mean, invstd};
+}
+
+Tensor update_running_stats(Tensor& running_mean, Tensor& running_var, const OptTensor& num_batches_tracked_opt,
+                            const Tensor& batch_mean, const Tensor& batch_m2, int64_t count,
+                            std::optional<double> momentum) {
+  Tensor nbt = value_or_undefined(num_batches_tracked_opt);
+  TORCH_CHECK_VALUE(batch_mean.dim() == 1 && batch_m2.sizes() == batch_mean.sizes(),
+                    "fusedbn: batch_mean and batch_m2 must be 1-D tensors of the same size");
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{running_mean, "running_mean"},
+                                {running_var, "running_var"}}) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch_mean.size(0), "fusedbn: ", name, " must have ",
+                      batch_mean.size(0), " elements, got shape ", t.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "fusedbn: ", name, " must be floating point, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == batch_mean.device(), "fusedbn: ", name, " is on ", t.device(),
+                      " but the batch statistics are on ", batch_mean.device());
+  }
+  TORCH_CHECK_VALUE(count >= 2, "fusedbn: the unbiased variance needs count >= 2, got ", count);
+  TORCH_CHECK_VALUE(!momentum.has_value() || (*momentum >= 0 && *momentum <= 1),
+                    "fusedbn: momentum must be in [0, 1] or None, got ", momentum.value_or(0));
+  TORCH_CHECK_VALUE(momentum.has_value() || nbt.defined(),
+                    "fusedbn: momentum=None (cumulative average) needs num_batches_tracked");
+  if (nbt.defined()) {
+    TORCH_CHECK_TYPE(nbt.scalar_type() == at::kLong && nbt.numel() == 1,
+                     "fusedbn: num_batches_tracked must be a one-element int64 tensor");
+  }
+  Tensor updated = at::empty({}, batch_mean.options().dtype(at::kBool));
+  backend_for(batch_mean).update_running_stats(running_mean, running_var, nbt, batch_mean, batch_m2, count,
+                                                momentum.value_or(-1.0), updated);
+  return updated;
+}
+
+// ---- backward -----------------------------------------------------------------------------------------
+
+struct BackwardArgs {
+  at::MemoryFormat format;
+  Tensor dy, x, z;
+  Layout layout;
+  Activation act;
+};
+
+BackwardArgs prepare_backward(const Tensor& grad_output, const Tensor& input, const Tensor& residual,
+                              const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias,
+                              c10::string_view activation) {
+  check_input(input);
+  check_like_input(grad_output, "grad_output", input);
+  check_like_input(residual, "residual", input);
+  check_channel_tensor(weight, "weight", input);
+  check_channel_tensor(bias, "bias", input);
+  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.size(0) == input.size(1) && invstd.sizes() == mean.sizes(),
+                    "fusedbn: mean and invstd must be 1-D tensors of ", input.size(1), " elements");
+  const auto format = layout_format(input);
+  const Tensor x = input.contiguous(format);
+  return {format, grad_output.contiguous(format), x, dense(residual, format), make_layout(x, format),
+          parse_activation(std::string(activation))};
+}
+
+// dz = g is a separate output only when the activation masks it; with the identity it equals grad_output.
+Tensor grad_residual_like(const BackwardArgs& a) {
+  return a.z.defined() && a.act != Activation::Identity ? empty_in_format(a.x, a.format) : Tensor();
+}
+
+Tensor or_empty(const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); }
+
+std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tensor& input,
+                                           const OptTensor& residual, const Tensor& mean, const Tensor& invstd,
+                                           const OptTensor& weight, const OptTensor& bias,
+                                           c10::string_view activation, double negative_slope) {
+  const Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
+  const auto a = prepare_backward(grad_output, input, value_or_undefined(residual), mean, invstd, w, b, activation);
+  GradSums sums{channel_empty(a.x), channel_empty(a.x)};
+  backend_for(a.x).backward_reduce({a.x, a.z, mean, invstd, w, b, a.layout, a.act, negative_slope}, a.dy, sums);
+  return {sums.sum_dy, sums.sum_dy_xmu};
+}
+
+std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tensor& input, const OptTensor& residual,
+                                          const Tensor& mean, const Tensor& invstd, const OptTensor& weight,
+                                          const OptTensor& bias, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+                                          double count, c10::string_view activation, double negative_slope) {
+  const Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
+  const auto a = prepare_backward(grad_output, input, value_or_undefined(residual), mean, invstd, w, b, activation);
+  TORCH_CHECK_VALUE(sum_dy.sizes() == mean.sizes() && sum_dy_xmu.sizes() == mean.sizes(),
+                    "fusedbn: sum_dy and sum_dy_xmu must have one element per channel");
+  TORCH_CHECK_VALUE(count > 0, "fusedbn: count must be positive, got ", count);
+  Tensor grad_input = empty_in_format(a.x, a.format), grad_residual = grad_residual_like(a);
+  backend_for(a.x).backward_elemt({a.x, a.z, mean, invstd, w, b, a.layout, a.act, negative_slope}, a.dy,
+                                  GradSums{sum_dy, sum_dy_xmu}, count, grad_input, grad_residual);
+  return {grad_input, or_empty(grad_residual, a.x)};
+}
+
+// Fused backward of forward_train (count = the number of values the statistics came from, possibly
+// including prior pseudo-samples) or of normalize (count = None: statistics are constants).
+// grad_weight = Σg·(x − mean)·invstd and grad_bias = Σg are empty when neither they nor the batch
+// statistics need the reduction.
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
+                                                    const OptTensor& residual, const Tensor& mean,
+                                                    const Tensor& invstd, const OptTensor& weight,
+                                                    const OptTensor& bias, std::optional<double> count,
+                                                    c10::string_view activation, double negative_slope) {
+  const Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
+  const auto a = prepare_backward(grad_output, input, value_or_undefined(residual), mean, invstd, w, b, activation);
+  TORCH_CHECK_VALUE(!count.has_value() || *count > 0, "fusedbn: count must be positive, got ", count.value_or(0));
+  const Backend& backend = backend_for(a.x);
+  const NormInputs in{a.x, a.z, mean, invstd, w, b, a.layout, a.act, negative_slope};
+  GradSums sums;
+  if (count.has_value() || w.defined() || b.defined()) {
+    sums = {channel_empty(a.x), channel_empty(a.x)};
+    backend.backward_reduce(in, a.dy, sums);
+  }
+  Tensor grad_input = empty_in_format(a.x, a.format), grad_residual = grad_residual_like(a);
+  backend.backward_elemt(in, a.dy, count.has_value() ? sums : GradSums{}, count.value_or(1.0), grad_input,
+                         grad_residual);
+  Tensor grad_weight, grad_bias;
+  if (sums.sum_dy.defined()) {
+    grad_weight = (sums.sum_dy_xmu * invstd).to(w.defined() ? w.scalar_type() : invstd.scalar_type());
+    grad_bias = sums.sum_dy.to(b.defined() ? b.scalar_type() : invstd.scalar_type());
+  }
+  return {grad_input, or_empty(grad_residual, a.x), or_empty(grad_weight, invstd), or_empty(grad_bias, invstd)};
+}
+
+}  // namespace
+
+void register_backend(c10::DeviceType device, const Backend* backend) {
+  g_backends[static_cast<size_t>(device)] = backend;
+}
+
+void impl_all_ops(torch::Library& m) {
+  m.impl("batch_stats", &batch_stats);
+  m.impl("forward_train", &forward_train);
+  m.impl("normalize", &normalize);
+  m.impl("update_running_stats", &update_running_stats);
+  m.impl("backward_reduce", &backward_reduce);
+  m.impl("backward_elemt", &backward_elemt);
+  m.impl("backward", &backward);
+}
+
+}  // namespace fusedbn
+
+TORCH_LIBRARY(fusedbn, m) {
+  m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor m2)");
+  m.def(
+      "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? prior_mean, "
+      "Tensor? prior_var, float prior_count, float eps, str activation, float negative_slope) "
+      "-> (Tensor output, Tensor mean, Tensor invstd, Tensor batch_mean, Tensor batch_m2)");
+  m.def(
+      "normalize(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor mean, Tensor var, "
+      "float eps, str activation, float negative_slope) -> (Tensor output, Tensor mean_out, Tensor invstd)");
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
+      "Tensor batch_mean, Tensor batch_m2, int count, float? momentum) -> Tensor");
+  m.def(
+      "backward_reduce(Tensor grad_output, Tensor input, Tensor? residual, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor? bias, str activation, float negative_slope) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "backward_elemt(Tensor grad_output, Tensor input, Tensor? residual, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor? bias, Tensor sum_dy, Tensor sum_dy_xmu, float count, str activation, "
+      "float negative_slope) -> (Tensor grad_input, Tensor grad_residual)");
+  m.def(
+      "backward(Tensor grad_output, Tensor input, Tensor? residual, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor? bias, float? count, str activation, float negative_slope) "
+      "-> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+}
+
+// A Python module with no functions: importing fusedbn._C loads the library and runs the registrations.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,254 @@
+"""The autograd Function and the functional API of fused batch norm.
+
+Layering: ``FusedBatchNorm2d`` (modules.py) → ``fused_batch_norm`` / ``batch_norm`` (here: argument checks,
+small-batch policy, running-statistics update) → ``FusedBatchNormFunction`` (forward and backward ops) →
+``torch.ops.fusedbn.*`` (C++ dispatch, _ops.py) → CPU/CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ._ops import ops
+from .reference import reference_batch_norm
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
+SMALL_BATCH_MODES = ("running", "blend", "error")
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+class FusedBatchNormFunction(torch.autograd.Function):
+    """y = act((x − mean)·invstd·weight + bias [+ residual]), differentiable in input, weight, bias, residual.
+
+    With ``batch_stats=True`` the statistics are the batch's own, blended with ``prior_count``
+    pseudo-samples at (stats_mean, stats_var) when prior_count > 0; the second and third outputs are the
+    batch mean and M2 = Σ(x − mean)² per channel (not differentiable) for the running-statistics update.
+    With ``batch_stats=False`` the statistics are (stats_mean, stats_var), constants as in eval mode, and
+    the second and third outputs are empty.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, stats_mean, stats_var, batch_stats: bool,
+                prior_count: float, eps: float, activation: str, negative_slope: float):
+        if batch_stats:
+            output, mean, invstd, batch_mean, batch_m2 = ops.forward_train(
+                input, weight, bias, residual, stats_mean, stats_var, prior_count, eps, activation, negative_slope)
+            n, c, h, w = input.shape
+            ctx.count = float(n * h * w) + prior_count
+        else:
+            output, mean, invstd = ops.normalize(
+                input, weight, bias, residual, stats_mean, stats_var, eps, activation, negative_slope)
+            batch_mean = batch_m2 = mean.new_empty((0,))
+            ctx.count = None
+        ctx.batch_stats, ctx.prior_count, ctx.eps = batch_stats, prior_count, eps
+        ctx.activation, ctx.negative_slope = activation, negative_slope
+        ctx.save_for_backward(input, weight, bias, residual, mean, invstd, stats_mean, stats_var)
+        ctx.mark_non_differentiable(batch_mean, batch_m2)
+        return output, batch_mean, batch_m2
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_batch_mean, _grad_batch_m2):
+        input, weight, bias, residual, mean, invstd, stats_mean, stats_var = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate a composite formulation so that higher derivatives exist.
+            differentiable = (input, weight, bias, residual)
+            with torch.enable_grad():
+                y = reference_batch_norm(input, weight, bias, residual, stats_mean, stats_var, ctx.batch_stats,
+                                         ctx.prior_count, ctx.eps, ctx.activation, ctx.negative_slope)
+                wrt = [t for t, need in zip(differentiable, needs) if need]
+                found = iter(torch.autograd.grad(y, wrt, grad_output, create_graph=True, allow_unused=True))
+            grads = tuple(next(found) if need else None for need in needs[:4])
+        else:
+            grad_input, grad_residual, grad_weight, grad_bias = ops.backward(
+                grad_output, input, residual, mean, invstd, weight, bias, ctx.count, ctx.activation,
+                ctx.negative_slope)
+            if residual is not None and ctx.activation == "identity":
+                grad_residual = grad_output
+            grads = (grad_input, grad_weight if weight is not None else None,
+                     grad_bias if bias is not None else None, grad_residual if residual is not None else None)
+        grads = tuple(g if need else None for g, need in zip(grads, needs[:4]))
+        return grads + (None,) * 7
+
+
+
+def check_options(eps, momentum, activation, negative_slope, small_batch, min_count, prior_count,
+                  momentum_may_be_none: bool = False) -> None:
+    """Raises ValueError for an option outside its domain (shared by the functional API and the modules)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if momentum is None:
+        if not momentum_may_be_none:
+            raise ValueError("momentum must be a float in [0, 1], got None")
+    elif isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a float in [0, 1]{' or None' if momentum_may_be_none else ''}, "
+                         f"got {momentum!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) \
+            or not math.isfinite(negative_slope):
+        raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
+    if small_batch not in SMALL_BATCH_MODES:
+        raise ValueError(f"small_batch must be one of {', '.join(map(repr, SMALL_BATCH_MODES))}, "
+                         f"got {small_batch!r}")
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+        raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
+    if isinstance(prior_count, bool) or not isinstance(prior_count, (int, float)) \
+            or not math.isfinite(prior_count) or prior_count < 0:
+        raise ValueError(f"prior_count must be a finite number >= 0, got {prior_count!r}")
+
+
+def _check_tensors(input, running_mean, running_var, weight, bias, residual) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be float64, float32, float16 or bfloat16, got {input.dtype}")
+    channels = input.shape[1]
+    low_precision = input.dtype in (torch.float16, torch.bfloat16)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), one value per input channel, "
+                             f"got {tuple(t.shape)}")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+        if t.dtype != input.dtype and not (low_precision and t.dtype == torch.float32):
+            allowed = f"{input.dtype}" + (" or torch.float32" if low_precision else "")
+            raise TypeError(f"{name} must have dtype {allowed} to match the input, got {t.dtype}")
+        if name.startswith("running") and t.requires_grad:
+            raise ValueError(f"{name} must not require grad: running statistics are buffers, not parameters")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        if residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device:
+            raise ValueError(f"residual must match the input's shape {tuple(input.shape)}, dtype {input.dtype} "
+                             f"and device {input.device}, got {tuple(residual.shape)}, {residual.dtype}, "
+                             f"{residual.device}")
+
+
+def small_batch_message(input: Tensor, min_count: int) -> str:
+    """PyTorch's error for a training batch with too few values per channel."""
+    need = "more than 1 value" if min_count <= 2 else f"more than {min_count - 1} values"
+    return f"Expected {need} per channel when training, got input size {input.size()}"
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               num_batches_tracked: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+               training: bool, momentum: Optional[float], eps: float, activation: str, negative_slope: float,
+               residual: Optional[Tensor], small_batch: str, min_count: int, prior_count: float,
+               on_fallback: Optional[Callable[[], None]] = None) -> Tensor:
+    """The implementation behind fused_batch_norm and the modules; options are assumed valid.
+
+    num_batches_tracked (optional) is incremented with each running-statistics update; momentum=None then
+    means the cumulative average 1/num_batches_tracked. on_fallback() is called (outside torch.compile)
+    when a small batch is normalised with the running statistics.
+    """
+    _check_tensors(input, running_mean, running_var, weight, bias, residual)
+    n, _, h, w = input.shape
+    use_batch_stats = training or running_mean is None
+    if input.numel() == 0:
+        return _empty_batch(input, weight, bias, residual, activation, negative_slope, training,
+                            num_batches_tracked if running_mean is not None else None)
+    if not use_batch_stats:
+        return _apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
+                      negative_slope)[0]
+
+    count = n * h * w
+    has_running = running_mean is not None
+    fixed, prior = False, 0.0
+    if count < min_count:
+        if small_batch == "error" or (not has_running and count == 1):
+            raise ValueError(small_batch_message(input, min_count))
+        if has_running and small_batch == "running":
+            fixed = True
+            if on_fallback is not None and not _compiling():
+                on_fallback()
+        elif has_running:
+            prior = float(prior_count)
+    if fixed:
+        return _apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
+                      negative_slope)[0]
+    # The blend reads the running statistics, which the update below overwrites: give it a copy.
+    prior_mean = running_mean.detach().clone() if prior > 0 else None
+    prior_var = running_var.detach().clone() if prior > 0 else None
+    output, batch_mean, batch_m2 = _apply(input, weight, bias, residual, prior_mean, prior_var, True, prior, eps,
+                                          activation, negative_slope)
+    if training and has_running and count >= 2:
+        # After the output exists, so that no traced graph reads the buffers after their update.
+        updated = ops.update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean, batch_m2,
+                                           count, momentum)
+        if not _compiling() and not bool(updated):
+            warnings.warn("fusedbn: the batch mean or variance is not finite (NaN or Inf in the input); "
+                          "running statistics and num_batches_tracked were left unchanged for this batch",
+                          RuntimeWarning, stacklevel=3)
+    return output
+
+
+def _apply(input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation,
+           negative_slope):
+    return FusedBatchNormFunction.apply(input, weight, bias, residual, stats_mean, stats_var, batch_stats,
+                                        prior_count, eps, activation, negative_slope)
+
+
+def _empty_batch(input, weight, bias, residual, activation, negative_slope, training, num_batches_tracked):
+    """N = 0 (or an empty spatial size): an empty output connected to the graph, as nn.BatchNorm2d returns.
+
+    Running statistics are untouched; num_batches_tracked counts the batch, as nn.BatchNorm2d counts it.
+    """
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    out = input.clone()
+    if weight is not None:
+        out = out * weight[0].to(input.dtype)
+    if bias is not None:
+        out = out + bias[0].to(input.dtype)
+    if residual is not None:
+        out = out + residual
+    from .reference import activation_fn
+    return activation_fn(activation, out, negative_slope)
+
+
+def fused_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                     momentum: float = 0.1, eps: float = 1e-5, *, activation: str = "identity",
+                     negative_slope: float = 0.01, residual: Optional[Tensor] = None, small_batch: str = "running",
+                     min_count: int = 2, prior_count: float = 16.0) -> Tensor:
+    """Batch norm over (N, H, W) of a 4-D input, then ``activation(y + residual)``; as F.batch_norm.
+
+    Same argument order and meaning as ``torch.nn.functional.batch_norm``: batch statistics are used when
+    ``training`` or when the running buffers are None, and ``running_mean``/``running_var`` are updated in
+    place when training, with the unbiased batch variance: running = (1 − momentum)·running + momentum·batch.
+
+    Differences from F.batch_norm:
+
+    * ``activation`` ("identity", "relu", "leaky_relu" with ``negative_slope``, "silu") and ``residual``
+      (y = act(BN(x) + residual)) are fused into the same passes over memory.
+    * Small batches: when a channel has fewer than ``min_count`` values (N·H·W) in training,
+      ``small_batch="running"`` normalises with the running statistics (as in eval mode; buffers untouched),
+      ``"blend"`` merges the batch statistics with ``prior_count`` pseudo-samples at the running statistics,
+      and ``"error"`` raises PyTorch's ValueError. Running statistics are never updated from fewer than 2
+      values (never NaN).
+    * Non-finite guard: a batch whose mean or variance is NaN/Inf leaves the running statistics unchanged
+      (with a warning); the output is what the math gives.
+    """
+    check_options(eps, momentum, activation, negative_slope, small_batch, min_count, prior_count)
+    return batch_norm(input, running_mean, running_var, None, weight, bias, bool(training), float(momentum),
+                      float(eps), activation, float(negative_slope), residual, small_batch, int(min_count),
+                      float(prior_count))

@@ -1,0 +1,87 @@
+"""FusedBatchNorm2d: a drop-in replacement for torch.nn.BatchNorm2d."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .function import batch_norm, check_options
+
+
+class FusedBatchNorm2d(_BatchNorm):
+    """``torch.nn.BatchNorm2d`` with fused statistics, normalisation, activation and residual add.
+
+    Same constructor (plus keyword-only options), parameters, buffers, ``state_dict`` (``_version = 2``),
+    ``reset_parameters``/``reset_running_stats`` and numbers as nn.BatchNorm2d wherever nn.BatchNorm2d
+    works; checkpoints load both ways. Options are checked here, at construction.
+
+    Differences from nn.BatchNorm2d:
+
+    * ``activation`` and ``negative_slope``: y = act(BN(x) [+ residual]) in the same pass; ``forward``
+      takes an optional ``residual`` of the input's shape.
+    * ``small_batch``/``min_count``/``prior_count``: what training does when a channel has fewer than
+      ``min_count`` values (N·H·W), where nn.BatchNorm2d raises at 1 value: "running" (default) normalises
+      with the running statistics and warns once, "blend" merges the batch statistics with ``prior_count``
+      pseudo-samples at the running statistics, "error" raises as nn does. See ``fused_batch_norm``.
+    * A bad input (wrong rank, channel count, dtype, device) raises before any buffer changes; a batch with a
+      non-finite mean or variance leaves the running statistics and ``num_batches_tracked`` unchanged.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, activation: str = "identity",
+                 negative_slope: float = 0.01, small_batch: str = "running", min_count: int = 2,
+                 prior_count: float = 16.0) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        check_options(eps, momentum, activation, negative_slope, small_batch, min_count, prior_count,
+                      momentum_may_be_none=True)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.small_batch = small_batch
+        self.min_count = min_count
+        self.prior_count = float(prior_count)
+        self._warned_small_batch = False
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+    def _warn_small_batch(self) -> None:
+        if not self._warned_small_batch:
+            self._warned_small_batch = True
+            warnings.warn(
+                f"fusedbn: fewer than min_count={self.min_count} values per channel in training; normalising "
+                f"with the running statistics (small_batch='running'). Running statistics are not updated "
+                f"from such batches.", UserWarning, stacklevel=4)
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels (num_features), "
+                             f"got {input.shape[1]} (input shape {tuple(input.shape)})")
+        tracking = self.training and self.track_running_stats
+        # As nn.BatchNorm2d: in training without tracking, the buffers are neither used nor updated.
+        use_buffers = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.num_batches_tracked if tracking else None,
+            self.weight, self.bias, self.training or self.running_mean is None, self.momentum, self.eps,
+            self.activation, self.negative_slope, residual, self.small_batch, self.min_count, self.prior_count,
+            on_fallback=self._warn_small_batch)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.activation != "identity":
+            s += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                s += f", negative_slope={self.negative_slope}"
+        if (self.small_batch, self.min_count, self.prior_count) != ("running", 2, 16.0):
+            s += f", small_batch={self.small_batch!r}, min_count={self.min_count}, prior_count={self.prior_count}"
+        return s

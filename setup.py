@@ -1,0 +1,49 @@
+"""Builds fusedbn._C: the CPU kernels always, the CUDA kernels when asked (FORCE_CUDA=1) or when a CUDA
+build of torch sees a GPU and a CUDA toolkit is present.
+
+Build against the torch you run with: pip install --no-build-isolation .
+Environment: FORCE_CUDA=1, CUDA_HOME, TORCH_CUDA_ARCH_LIST, FUSEDBN_CPU_FLAGS (default -march=native on
+x86-64; set it to "" for a portable build).
+"""
+
+import glob
+import os
+import platform
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def build_cuda() -> bool:
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def cpu_flags() -> list:
+    if "FUSEDBN_CPU_FLAGS" in os.environ:
+        return os.environ["FUSEDBN_CPU_FLAGS"].split()
+    return ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-g0", "-fopenmp"] + cpu_flags()
+    if not build_cuda():
+        return CppExtension("fusedbn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "-g0", "--use_fast_math", "-DWITH_CUDA"]
+    return CUDAExtension(
+        "fusedbn._C",
+        sources,
+        define_macros=[("WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
