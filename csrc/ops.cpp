@@ -7,6 +7,8 @@
 
 #include <array>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -86,15 +88,23 @@ at::ScalarType stats_dtype(const Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// FUSEDBN_POISON_OUTPUTS=1 fills every output with NaN before the kernels write it (used by the tests to
+// catch an element that a kernel forgets to write).
+Tensor poisoned(Tensor t) {
+  static const bool poison = std::getenv("FUSEDBN_POISON_OUTPUTS") != nullptr;
+  if (poison && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
 Tensor channel_empty(const Tensor& input) {
-  return at::empty({input.size(1)}, input.options().dtype(stats_dtype(input)));
+  return poisoned(at::empty({input.size(1)}, input.options().dtype(stats_dtype(input))));
 }
 
 Tensor dense(const Tensor& t, at::MemoryFormat format) { return t.defined() ? t.contiguous(format) : t; }
 
 // Outputs get canonical strides in `format` (what the fake kernels promise), whatever the input's strides.
 Tensor empty_in_format(const Tensor& x, at::MemoryFormat format) {
-  return at::empty(x.sizes(), x.options().memory_format(format));
+  return poisoned(at::empty(x.sizes(), x.options().memory_format(format)));
 }
 
 // ---- forward ------------------------------------------------------------------------------------------

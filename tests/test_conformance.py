@@ -1,0 +1,138 @@
+"""FusedBatchNorm2d against nn.BatchNorm2d: outputs, gradients, running buffers, over shapes and options."""
+
+import random
+
+import pytest
+import torch
+
+from helpers import TOL, module_pair, random_input, step_both
+
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+# Odd and degenerate shapes: N = 1 with H·W > 1, C = 1, H = W = 1 with N > 1, sizes around the kernels'
+# work-item boundaries (4096 values per planar item, 16384 per channels_last item).
+SHAPES = [(4, 3, 5, 7), (1, 5, 3, 3), (1, 1, 2, 1), (7, 2, 1, 1), (2, 1, 9, 9), (3, 17, 1, 2),
+          (2, 3, 64, 65), (1, 2, 91, 91), (5, 33, 11, 3), (64, 300, 1, 1)]
+
+
+def random_shapes(count, seed):
+    rng = random.Random(seed)
+    shapes = []
+    while len(shapes) < count:
+        s = (rng.randint(1, 6), rng.randint(1, 12), rng.randint(1, 10), rng.randint(1, 10))
+        if s[0] * s[2] * s[3] > 1:
+            shapes.append(s)
+    return shapes
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES + random_shapes(12, seed=1), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_training_steps_then_eval(shape, dtype, memory_format):
+    ref, fused = module_pair(shape[1], dtype)
+    tol = TOL[dtype]
+    for _ in range(3):
+        x = random_input(shape, dtype, memory_format)
+        step_both(ref, fused, x, torch.randn(shape, dtype=dtype), **tol)
+    ref.eval(), fused.eval()
+    x = random_input(shape, dtype, memory_format)
+    y = step_both(ref, fused, x, torch.randn(shape, dtype=dtype), **tol)
+    assert y.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(momentum=None), dict(momentum=0.0), dict(momentum=1.0), dict(momentum=0.3, eps=1e-3),
+     dict(affine=False), dict(track_running_stats=False), dict(affine=False, track_running_stats=False)],
+    ids=str)
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+def test_options(options, memory_format):
+    shape = (3, 4, 6, 5)
+    ref, fused = module_pair(shape[1], **options)
+    for _ in range(4):
+        step_both(ref, fused, random_input(shape, memory_format=memory_format), torch.randn(shape,
+                  dtype=torch.float64), **TOL[torch.float64])
+    ref.eval(), fused.eval()
+    step_both(ref, fused, random_input(shape, memory_format=memory_format), torch.randn(shape, dtype=torch.float64),
+              **TOL[torch.float64])
+
+
+def test_tracking_switched_off_after_construction():
+    ref, fused = module_pair(3)
+    step_both(ref, fused, random_input((4, 3, 2, 2)), torch.randn(4, 3, 2, 2, dtype=torch.float64))
+    ref.track_running_stats = fused.track_running_stats = False
+    step_both(ref, fused, random_input((4, 3, 2, 2)), torch.randn(4, 3, 2, 2, dtype=torch.float64))
+    ref.eval(), fused.eval()  # eval still uses the buffers, which exist
+    step_both(ref, fused, random_input((4, 3, 2, 2)), torch.randn(4, 3, 2, 2, dtype=torch.float64))
+
+
+def test_sum_gradient_with_stride_zero():
+    # y.sum().backward() hands the backward an expanded (stride-0) gradient.
+    ref, fused = module_pair(5)
+    x = random_input((3, 5, 4, 4))
+    xr, xf = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    (ref(xr) * torch.arange(5.0, dtype=torch.float64).view(1, 5, 1, 1)).sum().backward()
+    (fused(xf) * torch.arange(5.0, dtype=torch.float64).view(1, 5, 1, 1)).sum().backward()
+    torch.testing.assert_close(xf.grad, xr.grad, **TOL[torch.float64])
+    yr, yf = ref(xr), fused(xf)
+    yr.sum().backward(), yf.sum().backward()
+    torch.testing.assert_close(fused.bias.grad, ref.bias.grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("view", ["sliced_batch", "sliced_width", "transposed_hw", "sliced_channels_last"])
+def test_non_contiguous_inputs(view):
+    base = random_input((6, 3, 8, 10), requires_grad=False)
+    x = {"sliced_batch": lambda: base[::2],
+         "sliced_width": lambda: base[..., 1:7],
+         "transposed_hw": lambda: base.transpose(2, 3),
+         "sliced_channels_last": lambda: base.contiguous(memory_format=torch.channels_last)[:, :, ::2]}[view]()
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    ref, fused = module_pair(3)
+    step_both(ref, fused, x, torch.randn(x.shape, dtype=torch.float64), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+def test_half_precision_input_with_float32_parameters(dtype, memory_format):
+    # nn's mixed-precision path: low-precision input, float32 parameters and running statistics.
+    shape = (4, 6, 7, 9)
+    ref, fused = module_pair(shape[1], dtype=torch.float32)
+    for _ in range(2):
+        x = random_input(shape, dtype, memory_format)
+        y = step_both(ref, fused, x, torch.randn(shape).to(dtype), **TOL[dtype])
+        assert y.dtype == dtype and fused.running_mean.dtype == torch.float32
+        assert fused.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_module(dtype):
+    # The whole module converted with .to(dtype), as model.half() does.
+    ref, fused = module_pair(4, dtype=dtype)
+    step_both(ref, fused, random_input((3, 4, 5, 5), dtype), torch.randn(3, 4, 5, 5).to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_large_count_single_channel(dtype):
+    # One channel with 2^21 values: many work items merged per channel.
+    shape = (2, 1, 1024, 1024)
+    ref, fused = module_pair(1, dtype)
+    step_both(ref, fused, random_input(shape, dtype, requires_grad=False), torch.randn(shape, dtype=dtype),
+              **TOL[dtype])
+
+
+def test_functional_matches_f_batch_norm():
+    x = random_input((4, 3, 5, 5), requires_grad=False)
+    for training in (True, False):
+        rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+        rm2, rv2 = rm.clone(), rv.clone()
+        w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+        import fusedbn
+        y = fusedbn.fused_batch_norm(x, rm, rv, w, b, training, 0.2, 1e-4)
+        y_ref = torch.nn.functional.batch_norm(x, rm2, rv2, w, b, training, 0.2, 1e-4)
+        torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+        torch.testing.assert_close(rm, rm2, **TOL[torch.float64])
+        torch.testing.assert_close(rv, rv2, **TOL[torch.float64])
+    # Batch statistics without running buffers, in eval too.
+    y = fusedbn.fused_batch_norm(x, None, None, training=False)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True),
+                               **TOL[torch.float64])
