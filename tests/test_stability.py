@@ -1,0 +1,40 @@
+"""Numerical stability: a large mean and a tiny spread in float32 (where E[x²] − E[x]² collapses)."""
+
+import pytest
+import torch
+
+import fusedbn
+
+
+def float64_reference(x32, weight, bias, eps):
+    x = x32.double()
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps) * weight.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
+    return y, x.var(dim=(0, 2, 3), unbiased=True)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_large_offset_small_spread_float32(memory_format):
+    worst_out, worst_var = 0.0, 0.0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        x = (1e4 + 1e-2 * torch.randn(8, 4, 16, 16, generator=g)).contiguous(memory_format=memory_format)
+        bn = fusedbn.FusedBatchNorm2d(4, momentum=1.0)
+        y = bn(x)
+        y_ref, var_ref = float64_reference(x, bn.weight.detach(), bn.bias.detach(), bn.eps)
+        worst_out = max(worst_out, (y.double() - y_ref).abs().max().item())
+        worst_var = max(worst_var, ((bn.running_var.double() - var_ref).abs() / var_ref).max().item())
+    assert worst_out < 0.06, worst_out
+    assert worst_var < 0.01, worst_var
+
+
+def test_batch_statistics_are_one_float32_ulp_accurate():
+    # The mean is accumulated in double: within one float32 ulp of the exact mean of the float32 values.
+    x = 1e4 + 1e-2 * torch.randn(4, 3, 64, 64)
+    mean, m2 = torch.ops.fusedbn.batch_stats(x)
+    exact = x.double().mean(dim=(0, 2, 3))
+    ulp = torch.finfo(torch.float32).eps * 1e4
+    assert ((mean.double() - exact).abs() <= ulp).all()
+    exact_m2 = ((x.double() - exact.view(1, 3, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+    torch.testing.assert_close(m2.double(), exact_m2, rtol=1e-3, atol=0)
