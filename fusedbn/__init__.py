@@ -5,8 +5,12 @@ stable in one pass (Welford/Chan statistics), with activation and residual add f
 """
 
 from ._ops import cuda_available
+from .batchnorm_act import BatchNormAct2d
+from .conversion import convert_model, fuse_conv_bn
 from .function import FusedBatchNormFunction, fused_batch_norm
+from .fx_fusion import fuse_activations
 from .modules import FusedBatchNorm2d
 
-__all__ = ["FusedBatchNorm2d", "FusedBatchNormFunction", "cuda_available", "fused_batch_norm"]
+__all__ = ["BatchNormAct2d", "FusedBatchNorm2d", "FusedBatchNormFunction", "convert_model", "cuda_available",
+           "fuse_activations", "fuse_conv_bn", "fused_batch_norm"]
 __version__ = "0.1.0"

@@ -47,7 +47,10 @@ class FusedBatchNormFunction(torch.autograd.Function):
             ctx.count = None
         ctx.batch_stats, ctx.prior_count, ctx.eps = batch_stats, prior_count, eps
         ctx.activation, ctx.negative_slope = activation, negative_slope
-        ctx.save_for_backward(input, weight, bias, residual, mean, invstd, stats_mean, stats_var)
+        # Saved: x, per-channel vectors, and z only where the activation's derivative needs it; never y.
+        ctx.has_residual = residual is not None
+        saved_residual = residual if activation != "identity" else None
+        ctx.save_for_backward(input, weight, bias, saved_residual, mean, invstd, stats_mean, stats_var)
         ctx.mark_non_differentiable(batch_mean, batch_m2)
         return output, batch_mean, batch_m2
 
@@ -57,24 +60,22 @@ class FusedBatchNormFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():
             # create_graph=True: differentiate a composite formulation so that higher derivatives exist.
-            differentiable = (input, weight, bias, residual)
             with torch.enable_grad():
                 y = reference_batch_norm(input, weight, bias, residual, stats_mean, stats_var, ctx.batch_stats,
                                          ctx.prior_count, ctx.eps, ctx.activation, ctx.negative_slope)
-                wrt = [t for t, need in zip(differentiable, needs) if need]
+                wrt = [t for t, need in zip((input, weight, bias, residual), needs) if need and t is not None]
                 found = iter(torch.autograd.grad(y, wrt, grad_output, create_graph=True, allow_unused=True))
-            grads = tuple(next(found) if need else None for need in needs[:4])
+            grad_input, grad_weight, grad_bias, grad_residual = (
+                next(found) if need and t is not None else None
+                for t, need in zip((input, weight, bias, residual), needs))
         else:
             grad_input, grad_residual, grad_weight, grad_bias = ops.backward(
                 grad_output, input, residual, mean, invstd, weight, bias, ctx.count, ctx.activation,
                 ctx.negative_slope)
-            if residual is not None and ctx.activation == "identity":
-                grad_residual = grad_output
-            grads = (grad_input, grad_weight if weight is not None else None,
-                     grad_bias if bias is not None else None, grad_residual if residual is not None else None)
-        grads = tuple(g if need else None for g, need in zip(grads, needs[:4]))
-        return grads + (None,) * 7
-
+        if ctx.has_residual and ctx.activation == "identity":
+            grad_residual = grad_output  # dz = dy: z was not saved
+        grads = (grad_input, grad_weight, grad_bias, grad_residual)
+        return tuple(g if need else None for g, need in zip(grads, needs[:4])) + (None,) * 7
 
 
 def check_options(eps, momentum, activation, negative_slope, small_batch, min_count, prior_count,

@@ -1,0 +1,99 @@
+"""Fused activations and residual add: equal to nn.BatchNorm2d followed by the torch activation."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fusedbn
+from helpers import TOL, module_pair, random_input
+
+F64 = TOL[torch.float64]
+ACTS = {"identity": lambda v: v, "relu": F.relu, "leaky_relu": lambda v: F.leaky_relu(v, 0.2), "silu": F.silu}
+
+
+def run(module, x, z, act, grad):
+    x = x.detach().clone().requires_grad_()
+    z = z.detach().clone().requires_grad_() if z is not None else None
+    if isinstance(module, fusedbn.FusedBatchNorm2d):
+        y = module(x, residual=z)
+    else:
+        y = ACTS[act](module(x) + (z if z is not None else 0))
+    y.backward(grad)
+    return y, x.grad, None if z is None else z.grad
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("act", list(ACTS))
+def test_activation_and_residual_match_nn(act, residual, training, memory_format):
+    shape = (4, 5, 6, 3)
+    ref, fused = module_pair(5, activation=act, negative_slope=0.2)
+    for step in range(2):
+        ref.train(training), fused.train(training)
+        x = random_input(shape, memory_format=memory_format)
+        z = random_input(shape, memory_format=memory_format) if residual else None
+        g = torch.randn(shape, dtype=torch.float64)
+        ref.zero_grad(), fused.zero_grad()
+        y_ref, dx_ref, dz_ref = run(ref, x, z, act, g)
+        y, dx, dz = run(fused, x, z, act, g)
+        torch.testing.assert_close(y, y_ref, **F64)
+        torch.testing.assert_close(dx, dx_ref, **F64)
+        if residual:
+            torch.testing.assert_close(dz, dz_ref, **F64)
+        torch.testing.assert_close(fused.weight.grad, ref.weight.grad, **F64)
+        torch.testing.assert_close(fused.bias.grad, ref.bias.grad, **F64)
+        torch.testing.assert_close(fused.running_var, ref.running_var, **F64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_relu_residual_low_precision(dtype):
+    shape = (3, 6, 5, 5)
+    ref, fused = module_pair(6, dtype=torch.float32, activation="relu")
+    x, z = random_input(shape, dtype), random_input(shape, dtype)
+    g = torch.randn(shape).to(dtype)
+    y_ref, dx_ref, dz_ref = run(ref, x, z, "relu", g)
+    y, dx, dz = run(fused, x, z, "relu", g)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dz, dz_ref, **tol)
+    # dx through ReLU: elements at the kink may round to the other side in low precision; compare the bulk.
+    close = torch.isclose(dx.float(), dx_ref.float(), **tol)
+    assert close.float().mean() > 0.99
+
+
+@pytest.mark.parametrize("mode", ["running", "blend"])
+def test_activations_with_small_batch_modes(mode):
+    ref, fused = module_pair(4, activation="silu", small_batch=mode, min_count=4, prior_count=1e12)
+    ref.eval()
+    x, z = random_input((1, 4, 1, 1)), random_input((1, 4, 1, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = fused(x, residual=z)
+    # running mode is exactly eval mode; blend with a huge prior is eval mode in the limit.
+    torch.testing.assert_close(y, F.silu(ref(x) + z), rtol=1e-6, atol=1e-6)
+
+
+def saved_bytes(fn, *args):
+    """Bytes of activation-sized tensors autograd saves during fn(*args) (packed by saved_tensors_hooks)."""
+    seen = {}
+
+    def pack(t):
+        if t.numel() > 1024:  # ignore per-channel vectors
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values())
+
+
+def test_fused_bn_relu_saves_only_the_input():
+    x = torch.randn(8, 16, 16, 16, requires_grad=True)
+    nn_layers = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU())
+    fused = fusedbn.FusedBatchNorm2d(16, activation="relu")
+    assert saved_bytes(fused, x) == x.numel() * 4
+    assert saved_bytes(nn_layers, x) == 2 * x.numel() * 4
