@@ -43,26 +43,29 @@ class FusedBatchNormFunction(torch.autograd.Function):
         else:
             output, mean, invstd = ops.normalize(
                 input, weight, bias, residual, stats_mean, stats_var, eps, activation, negative_slope)
-            batch_mean = batch_m2 = mean.new_empty((0,))
+            batch_mean, batch_m2 = mean.new_empty((0,)), mean.new_empty((0,))
             ctx.count = None
         ctx.batch_stats, ctx.prior_count, ctx.eps = batch_stats, prior_count, eps
         ctx.activation, ctx.negative_slope = activation, negative_slope
         # Saved: x, per-channel vectors, and z only where the activation's derivative needs it; never y.
         ctx.has_residual = residual is not None
         saved_residual = residual if activation != "identity" else None
-        ctx.save_for_backward(input, weight, bias, saved_residual, mean, invstd, stats_mean, stats_var)
+        prior = (stats_mean, stats_var) if batch_stats and prior_count > 0 else (None, None)
+        ctx.save_for_backward(input, weight, bias, saved_residual, mean, invstd, *prior)
         ctx.mark_non_differentiable(batch_mean, batch_m2)
         return output, batch_mean, batch_m2
 
     @staticmethod
     def backward(ctx, grad_output, _grad_batch_mean, _grad_batch_m2):
-        input, weight, bias, residual, mean, invstd, stats_mean, stats_var = ctx.saved_tensors
+        input, weight, bias, residual, mean, invstd, prior_mean, prior_var = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():
             # create_graph=True: differentiate a composite formulation so that higher derivatives exist.
             with torch.enable_grad():
-                y = reference_batch_norm(input, weight, bias, residual, stats_mean, stats_var, ctx.batch_stats,
-                                         ctx.prior_count, ctx.eps, ctx.activation, ctx.negative_slope)
+                y = reference_batch_norm(
+                    input, weight, bias, residual, batch_stats=ctx.batch_stats, eps=ctx.eps,
+                    activation=ctx.activation, negative_slope=ctx.negative_slope, mean=mean, invstd=invstd,
+                    prior_mean=prior_mean, prior_var=prior_var, prior_count=ctx.prior_count)
                 wrt = [t for t, need in zip((input, weight, bias, residual), needs) if need and t is not None]
                 found = iter(torch.autograd.grad(y, wrt, grad_output, create_graph=True, allow_unused=True))
             grad_input, grad_weight, grad_bias, grad_residual = (

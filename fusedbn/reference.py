@@ -24,10 +24,16 @@ def activation_fn(name: str, v: Tensor, negative_slope: float) -> Tensor:
 
 
 def reference_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                         residual: Optional[Tensor], stats_mean: Optional[Tensor], stats_var: Optional[Tensor],
-                         batch_stats: bool, prior_count: float, eps: float, activation: str,
-                         negative_slope: float) -> Tensor:
-    """The function FusedBatchNormFunction computes, in the precision of the parameters' math type."""
+                         residual: Optional[Tensor], *, batch_stats: bool, eps: float, activation: str,
+                         negative_slope: float, mean: Optional[Tensor] = None, invstd: Optional[Tensor] = None,
+                         prior_mean: Optional[Tensor] = None, prior_var: Optional[Tensor] = None,
+                         prior_count: float = 0.0) -> Tensor:
+    """What FusedBatchNormFunction computes, in the kernels' math type (float64 or float32).
+
+    batch_stats=True: the batch's statistics (a function of input), Chan-merged with prior_count
+    pseudo-samples at (prior_mean, prior_var) when prior_count > 0. batch_stats=False: the constants
+    (mean, invstd).
+    """
     shape = (1, -1, 1, 1)
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     x = input.to(dtype)
@@ -36,16 +42,13 @@ def reference_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional
         mean = x.mean(dim=(0, 2, 3))
         m2 = ((x - mean.view(shape)) ** 2).sum(dim=(0, 2, 3))
         if prior_count > 0:
-            # Chan merge with prior_count pseudo-samples at (stats_mean, stats_var).
             n = m + prior_count
-            delta = mean - stats_mean.to(dtype)
+            delta = mean - prior_mean.to(dtype)
             mean = mean - prior_count * delta / n
-            m2 = m2 + prior_count * stats_var.to(dtype) + delta**2 * m * prior_count / n
+            m2 = m2 + prior_count * prior_var.to(dtype) + delta**2 * m * prior_count / n
             m = n
-        var = m2 / m
-    else:
-        mean, var = stats_mean.to(dtype), stats_var.to(dtype)
-    y = (x - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
+        invstd = torch.rsqrt(m2 / m + eps)
+    y = (x - mean.to(dtype).view(shape)) * invstd.to(dtype).view(shape)
     if weight is not None:
         y = y * weight.to(dtype).view(shape)
     if bias is not None:
