@@ -17,15 +17,22 @@ struct SumPair {
   double sum_dy, sum_dy_xmu;
 };
 
-// g = dy·act'(pre) at element i of channel coefficients (mean, scale, shift).
-template <typename scalar_t, typename opmath_t, Activation A, bool kResidual>
+// g = dy·act'(pre) and x − mean at element i, for a channel's (mean, scale, shift). A value type holding
+// restrict pointers, captured by copy, so that the compiler sees no aliasing and vectorises the loops.
+template <typename scalar_t, Activation A, bool kResidual>
 struct MaskedGrad {
+  using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;
   const scalar_t* __restrict__ z;
   opmath_t slope;
 
-  // Returns (g, x − mean).
+  MaskedGrad(const NormInputs& in, const at::Tensor& grad_output)
+      : dy(grad_output.const_data_ptr<scalar_t>()),
+        x(in.input.const_data_ptr<scalar_t>()),
+        z(kResidual ? in.residual.const_data_ptr<scalar_t>() : nullptr),
+        slope(static_cast<opmath_t>(in.negative_slope)) {}
+
   std::pair<opmath_t, opmath_t> operator()(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift) const {
     const opmath_t xmu = static_cast<opmath_t>(x[i]) - mean;
     opmath_t g = static_cast<opmath_t>(dy[i]);
@@ -39,28 +46,21 @@ struct MaskedGrad {
 };
 
 template <typename scalar_t, Activation A, bool kResidual>
-MaskedGrad<scalar_t, at::opmath_type<scalar_t>, A, kResidual> masked_grad(const NormInputs& in,
-                                                                           const at::Tensor& grad_output) {
-  return {grad_output.const_data_ptr<scalar_t>(), in.input.const_data_ptr<scalar_t>(),
-          kResidual ? in.residual.const_data_ptr<scalar_t>() : nullptr,
-          static_cast<at::opmath_type<scalar_t>>(in.negative_slope)};
-}
-
-template <typename scalar_t, Activation A, bool kResidual>
 void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, GradSums& sums) {
   using opmath_t = at::opmath_type<scalar_t>;
   const Layout l = in.layout;
   const NormCoefs<opmath_t> k(in);
-  const auto grad = masked_grad<scalar_t, A, kResidual>(in, grad_output);
+  const MaskedGrad<scalar_t, A, kResidual> grad(in, grad_output);
   const auto result = reduce_per_channel<SumPair>(
       l, SumPair{0, 0},
-      [&](const SpanItem& it) {
+      [&, grad](const SpanItem& it) {
         const int64_t c = it.channel, len = it.inner_end - it.inner_begin;
+        const opmath_t mean = k.mean[c], scale = k.scale[c], shift = k.shift[c];
         SumPair acc{0, 0};
         for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
           const int64_t off = span_offset(l, o, c, it.inner_begin);
-          const auto [s1, s2] = lane_sum2<opmath_t>(len, [&](int64_t j) {
-            const auto [g, xmu] = grad(off + j, k.mean[c], k.scale[c], k.shift[c]);
+          const auto [s1, s2] = simd_sum2<opmath_t>(len, [=](int64_t j) {
+            const auto [g, xmu] = grad(off + j, mean, scale, shift);
             return std::pair<opmath_t, opmath_t>(g, g * xmu);
           });
           acc.sum_dy += s1;
@@ -68,12 +68,18 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
         }
         return acc;
       },
-      [&](int64_t r0, int64_t r1, SumPair* out) {
+      [&, grad](int64_t r0, int64_t r1, SumPair* out) {
         const int64_t C = l.channels;
-        std::vector<opmath_t> s1(C, 0), s2(C, 0);
+        std::vector<opmath_t> s1v(C, 0), s2v(C, 0);
+        opmath_t* __restrict__ s1 = s1v.data();
+        opmath_t* __restrict__ s2 = s2v.data();
+        const opmath_t* __restrict__ mean = k.mean.data();
+        const opmath_t* __restrict__ scale = k.scale.data();
+        const opmath_t* __restrict__ shift = k.shift.data();
         for (int64_t r = r0; r < r1; ++r) {
+#pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const auto [g, xmu] = grad(r * C + c, k.mean[c], k.scale[c], k.shift[c]);
+            const auto [g, xmu] = grad(r * C + c, mean[c], scale[c], shift[c]);
             s1[c] += g;
             s2[c] += g * xmu;
           }
@@ -97,7 +103,7 @@ void backward_elemt_typed(const NormInputs& in, const at::Tensor& grad_output, c
   const Layout l = in.layout;
   const int64_t C = l.channels;
   const NormCoefs<opmath_t> k(in);
-  const auto grad = masked_grad<scalar_t, A, kResidual>(in, grad_output);
+  const MaskedGrad<scalar_t, A, kResidual> grad(in, grad_output);
   std::vector<opmath_t> c1(C, 0), c2(C, 0);
   if (sums.sum_dy.defined()) {
     const auto invstd = channel_vector<double>(in.invstd, C, 0.0);
@@ -110,27 +116,36 @@ void backward_elemt_typed(const NormInputs& in, const at::Tensor& grad_output, c
       c2[c] = static_cast<opmath_t>(scale * invstd[c] * invstd[c] * s2[c] / count);
     }
   }
-  scalar_t* __restrict__ dx = grad_input.mutable_data_ptr<scalar_t>();
   // The op layer asks for dz exactly when a residual passes through a non-identity activation.
   constexpr bool kWriteDz = kResidual && A != Activation::Identity;
+  scalar_t* __restrict__ dx = grad_input.mutable_data_ptr<scalar_t>();
   scalar_t* __restrict__ dz = kWriteDz ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
-  auto element = [&](int64_t i, int64_t c) {
-    const auto [g, xmu] = grad(i, k.mean[c], k.scale[c], k.shift[c]);
-    dx[i] = static_cast<scalar_t>(g * k.scale[c] - c1[c] - xmu * c2[c]);
+  // dx = g·scale − c1 − (x − mean)·c2, dz = g.
+  auto element = [=](int64_t i, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1, opmath_t c2) {
+    const auto [g, xmu] = grad(i, mean, scale, shift);
+    dx[i] = static_cast<scalar_t>(g * scale - c1 - xmu * c2);
     if constexpr (kWriteDz) dz[i] = static_cast<scalar_t>(g);
   };
   for_each_item(
       l,
       [&](const SpanItem& it) {
-        const int64_t len = it.inner_end - it.inner_begin;
+        const int64_t c = it.channel, len = it.inner_end - it.inner_begin;
+        const opmath_t mean = k.mean[c], scale = k.scale[c], shift = k.shift[c], a = c1[c], b = c2[c];
         for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
-          const int64_t off = span_offset(l, o, it.channel, it.inner_begin);
-          for (int64_t j = off; j < off + len; ++j) element(j, it.channel);
+          const int64_t off = span_offset(l, o, c, it.inner_begin);
+#pragma omp simd
+          for (int64_t j = off; j < off + len; ++j) element(j, mean, scale, shift, a, b);
         }
       },
       [&](int64_t r0, int64_t r1) {
+        const opmath_t* __restrict__ mean = k.mean.data();
+        const opmath_t* __restrict__ scale = k.scale.data();
+        const opmath_t* __restrict__ shift = k.shift.data();
+        const opmath_t* __restrict__ a = c1.data();
+        const opmath_t* __restrict__ b = c2.data();
         for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = 0; c < C; ++c) element(r * C + c, c);
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) element(r * C + c, mean[c], scale[c], shift[c], a[c], b[c]);
         }
       });
 }

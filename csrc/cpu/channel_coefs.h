@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "../common/kernel_args.h"
-#include "lanes.h"
+#include "simd.h"
 
 namespace fusedbn::cpu {
 

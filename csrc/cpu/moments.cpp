@@ -9,7 +9,7 @@
 #include <algorithm>
 
 #include "../common/welford.h"
-#include "lanes.h"
+#include "simd.h"
 #include "work_items.h"
 
 namespace fusedbn::cpu {
@@ -31,7 +31,7 @@ Stats span_item_moments(const scalar_t* x, const Layout& l, const SpanItem& it) 
   double sum = 0;
   for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
     const scalar_t* xs = span(o);
-    sum += lane_sum<double>(len, [&](int64_t i) { return static_cast<double>(xs[i]); });
+    sum += simd_sum<double>(len, [&](int64_t i) { return static_cast<double>(xs[i]); });
   }
   const double n = static_cast<double>((it.outer_end - it.outer_begin) * len);
   const double mean = sum / n;
@@ -39,7 +39,7 @@ Stats span_item_moments(const scalar_t* x, const Layout& l, const SpanItem& it) 
   double sum_d = 0, sum_d2 = 0;
   for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
     const scalar_t* xs = span(o);
-    const auto [d1, d2] = lane_sum2<opmath_t>(len, [&](int64_t i) {
+    const auto [d1, d2] = simd_sum2<opmath_t>(len, [&](int64_t i) {
       const opmath_t d = static_cast<opmath_t>(xs[i]) - shift;
       return std::pair<opmath_t, opmath_t>(d, d * d);
     });
@@ -53,16 +53,22 @@ template <typename scalar_t>
 void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int64_t row_end, Stats* out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = l.channels;
-  std::vector<double> sum(C, 0.0);
+  std::vector<double> sum_v(C, 0.0);
+  double* __restrict__ sum = sum_v.data();
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const scalar_t* row = x + r * C;
+    const scalar_t* __restrict__ row = x + r * C;
+#pragma omp simd
     for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<double>(row[c]);
   }
   const double n = static_cast<double>(row_end - row_begin);
-  std::vector<opmath_t> shift(C), s1(C, 0), s2(C, 0);
+  std::vector<opmath_t> shift_v(C), s1_v(C, 0), s2_v(C, 0);
+  opmath_t* __restrict__ shift = shift_v.data();
+  opmath_t* __restrict__ s1 = s1_v.data();
+  opmath_t* __restrict__ s2 = s2_v.data();
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(sum[c] / n);
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const scalar_t* row = x + r * C;
+    const scalar_t* __restrict__ row = x + r * C;
+#pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const opmath_t d = static_cast<opmath_t>(row[c]) - shift[c];
       s1[c] += d;

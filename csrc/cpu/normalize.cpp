@@ -31,13 +31,18 @@ void normalize_typed(const NormInputs& in, at::Tensor& output) {
         const int64_t len = it.inner_end - it.inner_begin;
         for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
           const int64_t off = span_offset(l, o, it.channel, it.inner_begin);
+#pragma omp simd
           for (int64_t j = off; j < off + len; ++j) element(j, mean, scale, shift);
         }
       },
       [&](int64_t r0, int64_t r1) {
         const int64_t C = l.channels;
+        const opmath_t* __restrict__ mean = k.mean.data();
+        const opmath_t* __restrict__ scale = k.scale.data();
+        const opmath_t* __restrict__ shift = k.shift.data();
         for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = 0; c < C; ++c) element(r * C + c, k.mean[c], k.scale[c], k.shift[c]);
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) element(r * C + c, mean[c], scale[c], shift[c]);
         }
       });
 }

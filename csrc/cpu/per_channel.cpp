@@ -4,7 +4,7 @@
 #include <cmath>
 
 #include "../common/welford.h"
-#include "lanes.h"
+#include "simd.h"
 
 namespace fusedbn::cpu {
 
