@@ -35,16 +35,11 @@ class FusedBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, stats_mean, stats_var, batch_stats: bool,
                 prior_count: float, eps: float, activation: str, negative_slope: float):
-        if batch_stats:
-            output, mean, invstd, batch_mean, batch_m2 = ops.forward_train(
-                input, weight, bias, residual, stats_mean, stats_var, prior_count, eps, activation, negative_slope)
-            n, c, h, w = input.shape
-            ctx.count = float(n * h * w) + prior_count
-        else:
-            output, mean, invstd = ops.normalize(
-                input, weight, bias, residual, stats_mean, stats_var, eps, activation, negative_slope)
-            batch_mean, batch_m2 = mean.new_empty((0,)), mean.new_empty((0,))
-            ctx.count = None
+        output, mean, invstd, batch_mean, batch_m2 = _forward(
+            input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation,
+            negative_slope)
+        n, c, h, w = input.shape
+        ctx.count = float(n * h * w) + prior_count if batch_stats else None
         ctx.batch_stats, ctx.prior_count, ctx.eps = batch_stats, prior_count, eps
         ctx.activation, ctx.negative_slope = activation, negative_slope
         # Saved: x, per-channel vectors, and z only where the activation's derivative needs it; never y.
@@ -79,6 +74,17 @@ class FusedBatchNormFunction(torch.autograd.Function):
             grad_residual = grad_output  # dz = dy: z was not saved
         grads = (grad_input, grad_weight, grad_bias, grad_residual)
         return tuple(g if need else None for g, need in zip(grads, needs[:4])) + (None,) * 7
+
+
+def _forward(input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation,
+             negative_slope):
+    """(output, mean, invstd, batch_mean, batch_m2) of FusedBatchNormFunction.forward (see its docstring)."""
+    if batch_stats:
+        return ops.forward_train(input, weight, bias, residual, stats_mean, stats_var, prior_count, eps, activation,
+                                 negative_slope)
+    output, mean, invstd = ops.normalize(input, weight, bias, residual, stats_mean, stats_var, eps, activation,
+                                         negative_slope)
+    return output, mean, invstd, mean.new_empty((0,)), mean.new_empty((0,))
 
 
 def check_options(eps, momentum, activation, negative_slope, small_batch, min_count, prior_count,
@@ -205,10 +211,14 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     return output
 
 
-def _apply(input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation,
-           negative_slope):
-    return FusedBatchNormFunction.apply(input, weight, bias, residual, stats_mean, stats_var, batch_stats,
-                                        prior_count, eps, activation, negative_slope)
+def _apply(*args):
+    """FusedBatchNormFunction.apply(*args) -> (output, batch_mean, batch_m2); the ops directly where no gradient
+    is needed (inference, torch.no_grad), which saves the autograd.Function's overhead on small tensors."""
+    input, weight, bias, residual = args[:4]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
+        return FusedBatchNormFunction.apply(*args)
+    output, _, _, batch_mean, batch_m2 = _forward(*args)
+    return output, batch_mean, batch_m2
 
 
 def _empty_batch(input, weight, bias, residual, activation, negative_slope, training, num_batches_tracked):

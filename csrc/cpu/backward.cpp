@@ -70,21 +70,24 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
       },
       [&, grad](int64_t r0, int64_t r1, SumPair* out) {
         const int64_t C = l.channels;
-        std::vector<opmath_t> s1v(C, 0), s2v(C, 0);
-        opmath_t* __restrict__ s1 = s1v.data();
-        opmath_t* __restrict__ s2 = s2v.data();
-        const opmath_t* __restrict__ mean = k.mean.data();
-        const opmath_t* __restrict__ scale = k.scale.data();
-        const opmath_t* __restrict__ shift = k.shift.data();
-        for (int64_t r = r0; r < r1; ++r) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const auto [g, xmu] = grad(r * C + c, mean[c], scale[c], shift[c]);
-            s1[c] += g;
-            s2[c] += g * xmu;
+        for_channel_blocks(C, [&](int64_t c0, auto width) {
+          constexpr int64_t W = decltype(width)::value;
+          opmath_t mean[W], scale[W], shift[W], s1[W] = {}, s2[W] = {};
+          for (int64_t j = 0; j < W; ++j) {
+            mean[j] = k.mean[c0 + j];
+            scale[j] = k.scale[c0 + j];
+            shift[j] = k.shift[c0 + j];
           }
-        }
-        for (int64_t c = 0; c < C; ++c) out[c] = {static_cast<double>(s1[c]), static_cast<double>(s2[c])};
+          for (int64_t r = r0; r < r1; ++r) {
+#pragma omp simd
+            for (int64_t j = 0; j < W; ++j) {
+              const auto [g, xmu] = grad(r * C + c0 + j, mean[j], scale[j], shift[j]);
+              s1[j] += g;
+              s2[j] += g * xmu;
+            }
+          }
+          for (int64_t j = 0; j < W; ++j) out[c0 + j] = {static_cast<double>(s1[j]), static_cast<double>(s2[j])};
+        });
       },
       [](const SumPair& a, const SumPair& b) { return SumPair{a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu}; });
   std::vector<double> s1(l.channels), s2(l.channels);

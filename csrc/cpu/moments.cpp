@@ -53,31 +53,30 @@ template <typename scalar_t>
 void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int64_t row_end, Stats* out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = l.channels;
-  std::vector<double> sum_v(C, 0.0);
-  double* __restrict__ sum = sum_v.data();
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const scalar_t* __restrict__ row = x + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<double>(row[c]);
-  }
   const double n = static_cast<double>(row_end - row_begin);
-  std::vector<opmath_t> shift_v(C), s1_v(C, 0), s2_v(C, 0);
-  opmath_t* __restrict__ shift = shift_v.data();
-  opmath_t* __restrict__ s1 = s1_v.data();
-  opmath_t* __restrict__ s2 = s2_v.data();
-  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(sum[c] / n);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const scalar_t* __restrict__ row = x + r * C;
+  for_channel_blocks(C, [&](int64_t c0, auto width) {
+    constexpr int64_t W = decltype(width)::value;
+    double sum[W] = {};
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const scalar_t* row = x + r * C + c0;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const opmath_t d = static_cast<opmath_t>(row[c]) - shift[c];
-      s1[c] += d;
-      s2[c] += d * d;
+      for (int64_t j = 0; j < W; ++j) sum[j] += static_cast<double>(row[j]);
     }
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    out[c] = moments_from_deviations(n, static_cast<double>(shift[c]) + s1[c] / n, s1[c], s2[c]);
-  }
+    opmath_t shift[W], s1[W] = {}, s2[W] = {};
+    for (int64_t j = 0; j < W; ++j) shift[j] = static_cast<opmath_t>(sum[j] / n);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const scalar_t* row = x + r * C + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) {
+        const opmath_t d = static_cast<opmath_t>(row[j]) - shift[j];
+        s1[j] += d;
+        s2[j] += d * d;
+      }
+    }
+    for (int64_t j = 0; j < W; ++j) {
+      out[c0 + j] = moments_from_deviations(n, static_cast<double>(shift[j]) + s1[j] / n, s1[j], s2[j]);
+    }
+  });
 }
 
 }  // namespace

@@ -46,12 +46,13 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, at:
   const auto bm2 = channel_vector<double>(batch_m2, C, 0.0);
   bool finite = true;
   for (int64_t c = 0; c < C; ++c) finite = finite && std::isfinite(bm[c]) && std::isfinite(bm2[c]);
-  updated.fill_(finite);
+  *updated.mutable_data_ptr<bool>() = finite;
   if (!finite) return;
   double factor = momentum;
   if (num_batches_tracked.defined()) {
-    num_batches_tracked.add_(1);
-    if (momentum < 0) factor = 1.0 / static_cast<double>(num_batches_tracked.item<int64_t>());
+    int64_t& tracked = *num_batches_tracked.mutable_data_ptr<int64_t>();
+    tracked += 1;
+    if (momentum < 0) factor = 1.0 / static_cast<double>(tracked);
   }
   auto rm = channel_vector<double>(running_mean, C, 0.0);
   auto rv = channel_vector<double>(running_var, C, 0.0);

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../common/kernel_args.h"
@@ -63,6 +64,18 @@ inline int64_t rows_per_item(const Layout& l) {
 
 inline int64_t grain_items(int64_t item_elems) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(item_elems, 1));
+}
+
+// Interleaved rows are reduced in blocks of kChannelBlock channels whose accumulators stay in registers
+// while the loop walks down the rows: f(c0, std::integral_constant<int64_t, W>) for each block of W
+// channels starting at c0 (W = kChannelBlock, then W = 1 for the remaining channels).
+constexpr int64_t kChannelBlock = 16;
+
+template <typename F>
+void for_channel_blocks(int64_t channels, const F& f) {
+  int64_t c0 = 0;
+  for (; c0 + kChannelBlock <= channels; c0 += kChannelBlock) f(c0, std::integral_constant<int64_t, kChannelBlock>{});
+  for (; c0 < channels; ++c0) f(c0, std::integral_constant<int64_t, 1>{});
 }
 
 // Per-channel reduction. span_fn(const SpanItem&) -> Partial for planar layouts;
