@@ -17,8 +17,8 @@ struct SumPair {
   double sum_dy, sum_dy_xmu;
 };
 
-// g = dy·act'(pre) and x − mean at element i, for a channel's (mean, scale, shift). A value type holding
-// restrict pointers, captured by copy, so that the compiler sees no aliasing and vectorises the loops.
+// g = dy·act'(pre) at element i, given xmu = x[i] − mean and the channel's (scale, shift). A value type
+// holding the data pointers, captured by copy, returning a scalar (a std::pair here stops gcc vectorising).
 template <typename scalar_t, Activation A, bool kResidual>
 struct MaskedGrad {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -33,15 +33,16 @@ struct MaskedGrad {
         z(kResidual ? in.residual.const_data_ptr<scalar_t>() : nullptr),
         slope(static_cast<opmath_t>(in.negative_slope)) {}
 
-  std::pair<opmath_t, opmath_t> operator()(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift) const {
-    const opmath_t xmu = static_cast<opmath_t>(x[i]) - mean;
+  opmath_t xmu(int64_t i, opmath_t mean) const { return static_cast<opmath_t>(x[i]) - mean; }
+
+  opmath_t operator()(int64_t i, opmath_t xmu, opmath_t scale, opmath_t shift) const {
     opmath_t g = static_cast<opmath_t>(dy[i]);
     if constexpr (A != Activation::Identity) {
       opmath_t pre = xmu * scale + shift;
       if constexpr (kResidual) pre += static_cast<opmath_t>(z[i]);
       g *= activation_grad<A>(pre, slope);
     }
-    return {g, xmu};
+    return g;
   }
 };
 
@@ -60,7 +61,8 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
         for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
           const int64_t off = span_offset(l, o, c, it.inner_begin);
           const auto [s1, s2] = simd_sum2<opmath_t>(len, [=](int64_t j) {
-            const auto [g, xmu] = grad(off + j, mean, scale, shift);
+            const opmath_t xmu = grad.xmu(off + j, mean);
+            const opmath_t g = grad(off + j, xmu, scale, shift);
             return std::pair<opmath_t, opmath_t>(g, g * xmu);
           });
           acc.sum_dy += s1;
@@ -81,7 +83,9 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
           for (int64_t r = r0; r < r1; ++r) {
 #pragma omp simd
             for (int64_t j = 0; j < W; ++j) {
-              const auto [g, xmu] = grad(r * C + c0 + j, mean[j], scale[j], shift[j]);
+              const int64_t i = r * C + c0 + j;
+              const opmath_t xmu = grad.xmu(i, mean[j]);
+              const opmath_t g = grad(i, xmu, scale[j], shift[j]);
               s1[j] += g;
               s2[j] += g * xmu;
             }
@@ -125,7 +129,8 @@ void backward_elemt_typed(const NormInputs& in, const at::Tensor& grad_output, c
   scalar_t* __restrict__ dz = kWriteDz ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
   // dx = g·scale − c1 − (x − mean)·c2, dz = g.
   auto element = [=](int64_t i, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1, opmath_t c2) {
-    const auto [g, xmu] = grad(i, mean, scale, shift);
+    const opmath_t xmu = grad.xmu(i, mean);
+    const opmath_t g = grad(i, xmu, scale, shift);
     dx[i] = static_cast<scalar_t>(g * scale - c1 - xmu * c2);
     if constexpr (kWriteDz) dz[i] = static_cast<scalar_t>(g);
   };
