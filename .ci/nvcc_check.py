@@ -1,4 +1,5 @@
-"""Compiles every csrc/**/*.cu with nvcc (compile only, sm_90) against the installed torch's headers.
+"""Compiles every csrc/**/*.cu with nvcc (compile only, sm_90) against the installed torch's headers, and
+syntax-checks the host files of the CUDA build (csrc/cuda/*.cpp) with the host compiler.
 
 Keeps the CUDA sources from rotting on machines without a GPU or a CUDA build of torch: the .cu files include
 only lean headers, so the CPU build of torch provides all they need (-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE).
@@ -7,6 +8,7 @@ only lean headers, so the CPU build of torch provides all they need (-DC10_CUDA_
 import argparse
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -38,6 +40,17 @@ def main() -> int:
             rel = os.path.relpath(src, root)
             status = "ok" if result.returncode == 0 else "FAILED"
             print(f"nvcc {rel}: {status} ({time.time() - start:.0f} s)", flush=True)
+            if result.returncode != 0:
+                print(result.stdout + result.stderr)
+                failed.append(rel)
+        nvcc_path = os.path.realpath(shutil.which(args.nvcc) or args.nvcc)
+        cuda_include = os.path.join(os.path.dirname(os.path.dirname(nvcc_path)), "include")
+        for src in sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cpp"))):
+            cmd = ["c++", "-fsyntax-only", "-std=c++20", "-DWITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+                   f"-I{cuda_include}", *includes, src]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            rel = os.path.relpath(src, root)
+            print(f"c++ -fsyntax-only {rel}: {'ok' if result.returncode == 0 else 'FAILED'}", flush=True)
             if result.returncode != 0:
                 print(result.stdout + result.stderr)
                 failed.append(rel)

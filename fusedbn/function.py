@@ -204,7 +204,9 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         # After the output exists, so that no traced graph reads the buffers after their update.
         updated = ops.update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean, batch_m2,
                                            count, momentum)
-        if not _compiling() and not bool(updated):
+        # The warning reads a flag on the host: on CUDA that would synchronise every layer of every step, so
+        # there the guard (applied on the device) is silent.
+        if not _compiling() and updated.device.type == "cpu" and not bool(updated):
             warnings.warn("fusedbn: the batch mean or variance is not finite (NaN or Inf in the input); "
                           "running statistics and num_batches_tracked were left unchanged for this batch",
                           RuntimeWarning, stacklevel=3)

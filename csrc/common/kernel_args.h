@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
 #include "activation.h"
 
@@ -15,8 +16,8 @@ struct Layout {
   int64_t outer;
   int64_t channels;
   int64_t inner;
-  int64_t count_per_channel() const { return outer * inner; }
-  int64_t numel() const { return outer * channels * inner; }
+  C10_HOST_DEVICE int64_t count_per_channel() const { return outer * inner; }
+  C10_HOST_DEVICE int64_t numel() const { return outer * channels * inner; }
 };
 
 // The per-element inputs of normalisation and its gradient. residual, weight and bias may be undefined.

@@ -1,0 +1,132 @@
+"""CUDA backend: the same semantics as the CPU backend and nn.BatchNorm2d on CUDA. Skipped without a GPU."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fusedbn
+from conftest import CUDA
+from helpers import TOL, module_pair, random_input, step_both
+
+pytestmark = [
+    pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine"),
+    pytest.mark.skipif(CUDA and not fusedbn.cuda_available(), reason="fusedbn was built without CUDA kernels"),
+]
+
+FORMATS = [torch.contiguous_format, torch.channels_last]
+# C not a power of two (apex issue 1768), H·W large, N = 1, H = W = 1, odd sizes.
+SHAPES = [(4, 3, 5, 7), (1, 5, 3, 3), (7, 2, 1, 1), (2, 1, 257, 255), (16, 33, 7, 7), (3, 100, 1, 1),
+          (1, 64, 112, 112), (256, 17, 2, 2)]
+
+
+def cuda_pair(c, dtype=torch.float32, **kwargs):
+    ref, fused = module_pair(c, dtype=dtype, **kwargs)
+    return ref.cuda(), fused.cuda()
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_against_nn_on_cuda(shape, dtype, memory_format):
+    ref, fused = cuda_pair(shape[1], dtype)
+    for _ in range(2):
+        x = random_input(shape, dtype, memory_format, device="cuda")
+        step_both(ref, fused, x, torch.randn(shape, dtype=dtype, device="cuda"), **TOL[dtype])
+    ref.eval(), fused.eval()
+    y = step_both(ref, fused, random_input(shape, dtype, memory_format, device="cuda"),
+                  torch.randn(shape, dtype=dtype, device="cuda"), **TOL[dtype])
+    assert y.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_against_nn_on_cuda(dtype, memory_format):
+    shape = (8, 24, 9, 9)
+    ref, fused = cuda_pair(shape[1], torch.float32)
+    for _ in range(2):
+        x = random_input(shape, dtype, memory_format, device="cuda")
+        y = step_both(ref, fused, x, torch.randn(shape, device="cuda").to(dtype), **TOL[dtype])
+        assert y.dtype == dtype
+
+
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "cl"])
+def test_cuda_matches_cpu_backend(act, memory_format):
+    shape = (6, 12, 10, 10)
+    x = random_input(shape, memory_format=memory_format, requires_grad=False)
+    z = random_input(shape, memory_format=memory_format, requires_grad=False)
+    g = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        xs, zs = x.to(device).requires_grad_(), z.to(device).requires_grad_()
+        w = torch.linspace(0.5, 1.5, 12, dtype=torch.float64, device=device, requires_grad=True)
+        b = torch.linspace(-1, 1, 12, dtype=torch.float64, device=device, requires_grad=True)
+        rm, rv = torch.zeros(12, dtype=torch.float64, device=device), torch.ones(12, dtype=torch.float64, device=device)
+        y = fusedbn.fused_batch_norm(xs, rm, rv, w, b, True, 0.1, 1e-5, activation=act, negative_slope=0.2,
+                                     residual=zs)
+        y.backward(g.to(device))
+        results.append([t.detach().cpu() for t in (y, xs.grad, zs.grad, w.grad, b.grad, rm, rv)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", ["identity", "relu", "silu"])
+def test_gradcheck_cuda(training, act):
+    x = random_input((3, 4, 3, 2), device="cuda")
+    w = torch.rand(4, dtype=torch.float64, device="cuda", requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device="cuda", requires_grad=True)
+    rm = torch.zeros(4, dtype=torch.float64, device="cuda")
+    rv = torch.ones(4, dtype=torch.float64, device="cuda")
+    fn = lambda x, w, b: fusedbn.fused_batch_norm(x, rm.clone(), rv.clone(), w, b, training, activation=act)  # noqa
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("mode", ["running", "blend"])
+def test_small_batch_fallback_cuda(mode):
+    ref, fused = cuda_pair(5, torch.float64, small_batch=mode, prior_count=1e12)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    x = random_input((1, 5, 1, 1), device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = fused(x)
+    ref.eval()
+    torch.testing.assert_close(y, ref(x), rtol=1e-6, atol=1e-6)
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_non_finite_batch_cuda():
+    fused = fusedbn.FusedBatchNorm2d(3).cuda()
+    x = torch.randn(4, 3, 2, 2, device="cuda")
+    x[0, 1, 0, 0] = float("nan")
+    fused(x)  # silent on CUDA (no host synchronisation), but the buffers are guarded on the device
+    assert fused.num_batches_tracked.item() == 0 and torch.equal(fused.running_var.cpu(), torch.ones(3))
+
+
+def test_opcheck_cuda():
+    ops = torch.ops.fusedbn
+    x = random_input((3, 4, 5, 2), torch.float32, device="cuda", requires_grad=False)
+    w, b = torch.rand(4, device="cuda") + 0.5, torch.randn(4, device="cuda")
+    rm, rv = torch.randn(4, device="cuda"), torch.rand(4, device="cuda") + 0.5
+    z, dy = torch.randn_like(x), torch.randn_like(x)
+    torch.library.opcheck(ops.batch_stats, (x,))
+    torch.library.opcheck(ops.forward_train, (x, w, b, z, rm, rv, 4.0, 1e-5, "relu", 0.0))
+    torch.library.opcheck(ops.normalize, (x, w, b, z, rm, rv, 1e-5, "silu", 0.0))
+    _, mean, invstd, bm, bm2 = ops.forward_train(x, w, b, z, None, None, 0.0, 1e-5, "relu", 0.0)
+    torch.library.opcheck(ops.update_running_stats, (rm.clone(), rv.clone(), torch.tensor(2, device="cuda"), bm, bm2,
+                                                     30, None))
+    torch.library.opcheck(ops.backward, (dy, x, z, mean, invstd, w, b, 30.0, "relu", 0.0))
+    torch.library.opcheck(ops.backward_reduce, (dy, x, z, mean, invstd, w, b, "relu", 0.0))
+    s1, s2 = ops.backward_reduce(dy, x, z, mean, invstd, w, b, "relu", 0.0)
+    torch.library.opcheck(ops.backward_elemt, (dy, x, z, mean, invstd, w, b, s1, s2, 30.0, "relu", 0.0))
+
+
+def test_compile_cuda():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), fusedbn.FusedBatchNorm2d(4, activation="relu")).cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
