@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One prepared GPU check for an H100/H200 machine (torch 2.11+cu130, nvcc 13.0, ninja, pytest installed; no
+# network): build with CUDA, run the CUDA tests, compute-sanitizer (memcheck, racecheck) on a small case, and the
+# GPU benchmark. Logs and the results table go to $OUT (default /tmp/fusedbn_gpu); the table is printed last.
+# Budget: under 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fusedbn_gpu}
+mkdir -p "$OUT"
+export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+start=$(date +%s)
+step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
+
+step "environment"
+{ $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; nvidia-smi -L; } \
+  | tee "$OUT/env.txt"
+
+step "build"
+if ! timeout 300 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+$PY -c "import fusedbn; assert fusedbn.cuda_available(), 'built without CUDA kernels'; print('cuda kernels: ok')"
+
+step "CUDA tests"
+timeout 150 $PY -m pytest -q -rs -x tests/test_cuda.py tests/test_integration.py -k "cuda" 2>&1 | tee "$OUT/tests.log" | tail -25
+
+step "compute-sanitizer"
+SAN=$CUDA_HOME/bin/compute-sanitizer
+for tool in memcheck racecheck; do
+  timeout 90 "$SAN" --tool "$tool" --error-exitcode 3 $PY bench/sanitize_case.py > "$OUT/$tool.log" 2>&1
+  echo "$tool: exit $? ($(grep -c 'ERROR SUMMARY' "$OUT/$tool.log") summaries: $(grep 'ERROR SUMMARY' "$OUT/$tool.log" | tail -1))"
+done
+
+step "GPU benchmark"
+timeout 200 $PY bench/bench_gpu.py --out "$OUT/gpu_results.md" > "$OUT/bench.log" 2>&1 || tail -30 "$OUT/bench.log"
+step "done"
+cat "$OUT/gpu_results.md" 2>/dev/null
