@@ -1,0 +1,118 @@
+"""Robustness: memory stays flat, no reference cycles, determinism across runs and thread counts, concurrent
+use from several Python threads, and indexing beyond 2^31 elements."""
+
+import gc
+import threading
+
+import pytest
+import torch
+
+import fusedbn
+from helpers import random_input
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def train_step(module, x):
+    y = module(x)
+    y.square().sum().backward()
+
+
+def test_resident_memory_is_flat_over_10000_steps():
+    module = fusedbn.FusedBatchNorm2d(8, activation="relu")
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    for _ in range(1000):  # warm-up: allocator caches, lazy initialisation
+        train_step(module, x)
+    before = rss_bytes()
+    for _ in range(9000):
+        train_step(module, x)
+    growth = rss_bytes() - before
+    assert growth < 8 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over 9000 steps"
+
+
+def test_autograd_function_holds_no_reference_cycles():
+    module = fusedbn.FusedBatchNorm2d(4, activation="silu")
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            module(x, residual=z).sum().backward()
+        assert gc.collect() == 0, "fusedbn's forward/backward left objects only a cycle collection frees"
+    finally:
+        gc.enable()
+
+
+def run_once(threads, memory_format):
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        x = (torch.randn(16, 24, 33, 31, generator=gen) * 3 + 5).contiguous(memory_format=memory_format)
+        x.requires_grad_()
+        g = torch.randn(x.shape, generator=gen)
+        bn = fusedbn.FusedBatchNorm2d(24, activation="relu")
+        y = bn(x)
+        y.backward(g)
+        return [t.detach().clone() for t in (y, x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean,
+                                               bn.running_var)]
+    finally:
+        torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_bitwise_deterministic_across_runs_and_thread_counts(memory_format):
+    reference = run_once(2, memory_format)
+    for threads in (2, 1, 3):
+        for a, b in zip(reference, run_once(threads, memory_format)):
+            assert torch.equal(a, b), f"differs with {threads} threads"
+
+
+def test_concurrent_python_threads_match_serial():
+    inputs = [random_input((4, 6, 9, 9), torch.float32) for _ in range(4)]
+
+    def work(i, out):
+        torch.manual_seed(i)
+        bn = fusedbn.FusedBatchNorm2d(6, activation="leaky_relu")
+        x = inputs[i].detach().clone().requires_grad_()
+        for _ in range(20):
+            y = bn(x)
+            y.backward(torch.ones_like(y))
+        out[i] = [t.detach().clone() for t in (y, x.grad, bn.running_mean, bn.running_var, bn.weight.grad)]
+
+    serial, concurrent = {}, {}
+    for i in range(4):
+        work(i, serial)
+    threads = [threading.Thread(target=work, args=(i, concurrent)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        for a, b in zip(serial[i], concurrent[i]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_indexing_beyond_2_pow_31_elements():
+    # bfloat16, 2 channels, > 2^31 elements (4.3 GB): each channel repeats −3 … 3 along W, channel 1 shifted by
+    # 10, so mean = (0, 10), biased var = 4, and every output is known: (w − 3)/sqrt(4 + eps).
+    h = 153_391_690
+    pattern = torch.arange(-3, 4, dtype=torch.bfloat16)
+    x = pattern.view(1, 1, 1, 7).expand(1, 2, h, 7).contiguous()
+    assert x.numel() > 2**31
+    x[:, 1] += 10
+    bn = fusedbn.FusedBatchNorm2d(2, momentum=1.0)
+    with torch.no_grad():
+        y = bn(x)
+    del x
+    expected = (torch.arange(-3, 4, dtype=torch.float32) / (4 + bn.eps) ** 0.5).to(torch.bfloat16)
+    for c in (0, 1):
+        for row in (0, h // 2, h - 1):  # the last rows lie beyond element 2^31
+            torch.testing.assert_close(y[0, c, row], expected, rtol=0, atol=1e-6, msg=f"channel {c}, row {row}")
+    n = 7 * h
+    torch.testing.assert_close(bn.running_mean, torch.tensor([0.0, 10.0]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, torch.full((2,), 4.0 * n / (n - 1)), rtol=1e-5, atol=0)
