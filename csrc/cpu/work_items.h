@@ -18,7 +18,7 @@ namespace fusedbn::cpu {
 
 constexpr int64_t kItemElems = 4096;     // planar items: elements of one channel
 constexpr int64_t kRowItemElems = 16384; // interleaved items: rows × channels
-constexpr int64_t kGrainElems = 32768;   // elements below which a loop is not worth a thread
+constexpr int64_t kGrainElems = 131072;  // elements below which a loop is not worth a thread
 
 // Planar layouts (inner > 1): an item is a run of whole spans of one channel, or a piece of one span.
 // A span is the `inner` contiguous values of channel c in outer index o.
@@ -69,7 +69,7 @@ inline int64_t grain_items(int64_t item_elems) {
 // Interleaved rows are reduced in blocks of kChannelBlock channels whose accumulators stay in registers
 // while the loop walks down the rows: f(c0, std::integral_constant<int64_t, W>) for each block of W
 // channels starting at c0 (W = kChannelBlock, then W = 1 for the remaining channels).
-constexpr int64_t kChannelBlock = 16;
+constexpr int64_t kChannelBlock = 32;
 
 template <typename F>
 void for_channel_blocks(int64_t channels, const F& f) {
