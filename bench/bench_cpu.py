@@ -156,18 +156,6 @@ def summary(rows):
     return "\n".join(out)
 
 
-def write_results(text):
-    path = os.path.join(ROOT, "bench", "RESULTS.md")
-    start, end = "<!-- bench_cpu:start -->", "<!-- bench_cpu:end -->"
-    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n\n" + start + "\n" + end + "\n"
-    if start not in old:
-        old += "\n" + start + "\n" + end + "\n"
-    before, rest = old.split(start, 1)
-    after = rest.split(end, 1)[1]
-    with open(path, "w") as f:
-        f.write(before + start + "\n" + text + "\n" + end + after)
-
-
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -198,6 +186,7 @@ def main():
     from torch import nn
 
     import fusedbn
+    from results_md import write_section
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -219,7 +208,7 @@ def main():
         "", summary(rows), "", table(rows, use_compile)])
     print(text)
     if not args.no_write:
-        write_results(text)
+        write_section("bench_cpu", text)
         plot(rows, os.path.join(ROOT, "bench", "cpu.png"))
         print("wrote bench/RESULTS.md and bench/cpu.png")
 

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fusedbn  # noqa: E402
+from results_md import write_section  # noqa: E402
 
 SHAPES = [(16, 64, 28, 28), (8, 256, 14, 14), (4, 512, 7, 7), (1, 64, 56, 56)]
 
@@ -63,14 +64,7 @@ def main():
         "| shape | FusedBatchNorm2d ms | SyncFusedBatchNorm2d ms | overhead ms | ratio |", "|---|---|---|---|---|",
         *rows])
     print(text)
-    path = os.path.join(ROOT, "bench", "RESULTS.md")
-    start_m, end_m = "<!-- sync:start -->", "<!-- sync:end -->"
-    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    if start_m not in old:
-        old += f"\n{start_m}\n{end_m}\n"
-    before, rest = old.split(start_m, 1)
-    with open(path, "w") as f:
-        f.write(before + start_m + "\n" + text + "\n" + end_m + rest.split(end_m, 1)[1])
+    write_section("sync", text)
 
 
 if __name__ == "__main__":

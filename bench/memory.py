@@ -17,6 +17,7 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fusedbn  # noqa: E402
+from results_md import write_section  # noqa: E402
 
 SHAPE = (32, 64, 56, 56)
 
@@ -76,14 +77,7 @@ def main():
         f"| fusedbn (converted + fused) | {mib(s_f)} | {mib(p_f)} |",
         f"| ratio | {s_f / s_nn:.2f} | {p_f / p_nn:.2f} |"])
     print(text)
-    path = os.path.join(ROOT, "bench", "RESULTS.md")
-    start_m, end_m = "<!-- memory:start -->", "<!-- memory:end -->"
-    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    if start_m not in old:
-        old += f"\n{start_m}\n{end_m}\n"
-    before, rest = old.split(start_m, 1)
-    with open(path, "w") as f:
-        f.write(before + start_m + "\n" + text + "\n" + end_m + rest.split(end_m, 1)[1])
+    write_section("memory", text)
 
 
 if __name__ == "__main__":

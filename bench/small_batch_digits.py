@@ -20,6 +20,7 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fusedbn  # noqa: E402
+from results_md import write_section  # noqa: E402
 from fusedbn.demo import TFBatchNorm2d  # noqa: E402
 
 
@@ -101,14 +102,7 @@ def main(epochs=3):
         "", "| variant | test accuracy (eval mode) | test accuracy (train mode, batch 1) | train/eval agreement | time |",
         "|---|---|---|---|---|", *rows])
     print(text)
-    path = os.path.join(ROOT, "bench", "RESULTS.md")
-    start_m, end_m = "<!-- small_batch_digits:start -->", "<!-- small_batch_digits:end -->"
-    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    if start_m not in old:
-        old += f"\n{start_m}\n{end_m}\n"
-    before, rest = old.split(start_m, 1)
-    with open(path, "w") as f:
-        f.write(before + start_m + "\n" + text + "\n" + end_m + rest.split(end_m, 1)[1])
+    write_section("small_batch_digits", text)
 
 
 if __name__ == "__main__":
