@@ -190,10 +190,12 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    torch._dynamo.config.cache_size_limit = 64  # grad mode on/off and train/eval are separate graphs
     cases = list(build_cases(torch, nn, fusedbn, args))
     rows = []
     started = time.time()
     for dtype, shape, fmt_name, fmt in progress(((d, s, f, m) for d, s, f, m in cases), len(cases)):
+        torch._dynamo.reset()  # each case compiles afresh: nn's forward is one code object for every shape
         runners = make_runners(torch, nn, fusedbn, dtype, shape, fmt, not args.no_compile)
         times = measure(runners, args.repeats)
         for task in TASKS:
