@@ -142,12 +142,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
   const Layout layout = make_layout(x, format);
   const Backend& backend = backend_for(x);
   Tensor batch_mean = channel_empty(x), batch_m2 = channel_empty(x);
-  backend.batch_moments(x, layout, batch_mean, batch_m2);
   Tensor mean = channel_empty(x), invstd = channel_empty(x);
-  backend.batch_norm_stats(batch_mean, batch_m2, layout.count_per_channel(), prior_mean, prior_var, prior_count,
-                           eps, mean, invstd);
   Tensor output = empty_in_format(x, format);
-  backend.normalize({x, z, mean, invstd, weight, bias, layout, act, negative_slope}, output);
+  const NormInputs in{x, z, mean, invstd, weight, bias, layout, act, negative_slope};
+  const bool fused = backend.forward_train_fused != nullptr &&
+                     backend.forward_train_fused(in, prior_mean, prior_var, prior_count, eps, batch_mean, batch_m2,
+                                                 output);
+  if (!fused) {
+    backend.batch_moments(x, layout, batch_mean, batch_m2);
+    backend.batch_norm_stats(batch_mean, batch_m2, layout.count_per_channel(), prior_mean, prior_var,
+                             prior_count, eps, mean, invstd);
+    backend.normalize(in, output);
+  }
   return {output, mean, invstd, batch_mean, batch_m2};
 }
 

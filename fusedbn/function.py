@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._ops import ops
-from .reference import reference_batch_norm
+from .reference import activation_fn, reference_batch_norm
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
 SMALL_BATCH_MODES = ("running", "blend", "error")
@@ -237,7 +237,6 @@ def _empty_batch(input, weight, bias, residual, activation, negative_slope, trai
         out = out + bias[0].to(input.dtype)
     if residual is not None:
         out = out + residual
-    from .reference import activation_fn
     return activation_fn(activation, out, negative_slope)
 
 

@@ -123,3 +123,16 @@ def test_indexing_beyond_2_pow_31_elements():
     n = 7 * h
     torch.testing.assert_close(bn.running_mean, torch.tensor([0.0, 10.0]), rtol=0, atol=1e-4)
     torch.testing.assert_close(bn.running_var, torch.full((2,), 4.0 * n / (n - 1)), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(32, 24, 56, 56), (4, 3, 5, 7), (2, 5, 200, 300)], ids=str)
+def test_channel_at_a_time_forward_equals_the_separate_kernels(shape):
+    # forward_train keeps the channels of large NCHW tensors in cache (one pass over x); its statistics must be
+    # bitwise those of the separate batch_stats kernel, which the other shapes and channels_last use.
+    x = random_input(shape, torch.float32, requires_grad=False)
+    w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    _, mean, invstd, batch_mean, batch_m2 = torch.ops.fusedbn.forward_train(x, w, b, None, None, None, 0.0, 1e-5,
+                                                                            "relu", 0.0)
+    separate_mean, separate_m2 = torch.ops.fusedbn.batch_stats(x)
+    assert torch.equal(batch_mean, separate_mean) and torch.equal(batch_m2, separate_m2)
+    assert torch.equal(mean, batch_mean)

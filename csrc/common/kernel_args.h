@@ -66,6 +66,12 @@ struct Backend {
   void (*update_running_stats)(at::Tensor& running_mean, at::Tensor& running_var, at::Tensor& num_batches_tracked,
                                const at::Tensor& batch_mean, const at::Tensor& batch_m2, int64_t count,
                                double momentum, at::Tensor& updated);
+  // Optional (may be null): batch_moments + batch_norm_stats + normalize in one go where the backend can keep
+  // data in cache, writing in.mean and in.invstd too; returns false (having written nothing) where it does
+  // not apply. Results must equal the separate kernels'.
+  bool (*forward_train_fused)(const NormInputs& in, const at::Tensor& prior_mean, const at::Tensor& prior_var,
+                              double prior_count, double eps, at::Tensor& batch_mean, at::Tensor& batch_m2,
+                              at::Tensor& output);
 };
 
 }  // namespace fusedbn

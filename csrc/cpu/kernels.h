@@ -5,4 +5,8 @@
 
 namespace fusedbn::cpu {
 #include "../common/backend_kernels.inc"
+
+bool forward_train_by_channel(const NormInputs& in, const at::Tensor& prior_mean, const at::Tensor& prior_var,
+                              double prior_count, double eps, at::Tensor& batch_mean, at::Tensor& batch_m2,
+                              at::Tensor& output);
 }  // namespace fusedbn::cpu

@@ -1,0 +1,45 @@
+// The forward elementwise pass: y = act((x − mean)·scale + shift [+ residual]), one read of x (and residual),
+// one write of y. (x − mean)·scale rather than x·scale + (shift − mean·scale): the latter loses about 0.06 at
+// |x| ≈ 1e4 in float32.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include "../common/kernel_args.h"
+#include "channel_coefs.h"
+#include "work_items.h"
+
+namespace fusedbn::cpu {
+
+template <typename scalar_t, Activation A, bool kResidual>
+struct Normalizer {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ z;
+  scalar_t* __restrict__ y;
+  opmath_t slope;
+
+  Normalizer(const NormInputs& in, at::Tensor& output)
+      : x(in.input.const_data_ptr<scalar_t>()),
+        z(kResidual ? in.residual.const_data_ptr<scalar_t>() : nullptr),
+        y(output.mutable_data_ptr<scalar_t>()),
+        slope(static_cast<opmath_t>(in.negative_slope)) {}
+
+  void element(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift) const {
+    opmath_t pre = (static_cast<opmath_t>(x[i]) - mean) * scale + shift;
+    if constexpr (kResidual) pre += static_cast<opmath_t>(z[i]);
+    y[i] = static_cast<scalar_t>(activate<A>(pre, slope));
+  }
+
+  // The spans of one planar work item, all of channel it.channel.
+  void span_item(const Layout& l, const SpanItem& it, opmath_t mean, opmath_t scale, opmath_t shift) const {
+    const int64_t len = it.inner_end - it.inner_begin;
+    for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
+      const int64_t off = span_offset(l, o, it.channel, it.inner_begin);
+#pragma omp simd
+      for (int64_t j = off; j < off + len; ++j) element(j, mean, scale, shift);
+    }
+  }
+};
+
+}  // namespace fusedbn::cpu
