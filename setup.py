@@ -30,8 +30,11 @@ def cpu_flags() -> list:
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math lets the compiler turn comparisons into vector selects (activations, clamps); no
-    # result changes: fusedbn never relies on floating-point exception flags.
-    cxx = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + cpu_flags()
+    # result changes: fusedbn never relies on floating-point exception flags. -ffp-contract=off: gcc emits
+    # several versions of a loop (vector body, scalar peel and tail, alias-checked fallbacks) and contracted
+    # a·b + c into FMA in some but not others, so which version ran (thread context, row offsets) changed the
+    # last bit; without contraction every version rounds alike and results are bitwise reproducible.
+    cxx = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"] + cpu_flags()
     if not build_cuda():
         return CppExtension("fusedbn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))

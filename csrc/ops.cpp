@@ -286,13 +286,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   const Backend& backend = backend_for(a.x);
   const NormInputs in{a.x, a.z, mean, invstd, w, b, a.layout, a.act, negative_slope};
   GradSums sums;
+  Tensor grad_input = empty_in_format(a.x, a.format), grad_residual = grad_residual_like(a);
   if (count.has_value() || w.defined() || b.defined()) {
     sums = {channel_empty(a.x), channel_empty(a.x)};
-    backend.backward_reduce(in, a.dy, sums);
+    const bool fused = backend.backward_fused != nullptr &&
+                       backend.backward_fused(in, a.dy, sums, count, grad_input, grad_residual);
+    if (!fused) {
+      backend.backward_reduce(in, a.dy, sums);
+      backend.backward_elemt(in, a.dy, count.has_value() ? sums : GradSums{}, count.value_or(1.0), grad_input,
+                             grad_residual);
+    }
+  } else {
+    backend.backward_elemt(in, a.dy, GradSums{}, 1.0, grad_input, grad_residual);
   }
-  Tensor grad_input = empty_in_format(a.x, a.format), grad_residual = grad_residual_like(a);
-  backend.backward_elemt(in, a.dy, count.has_value() ? sums : GradSums{}, count.value_or(1.0), grad_input,
-                         grad_residual);
   Tensor grad_weight, grad_bias;
   if (sums.sum_dy.defined()) {
     grad_weight = (sums.sum_dy_xmu * invstd).to(w.defined() ? w.scalar_type() : invstd.scalar_type());

@@ -136,3 +136,20 @@ def test_channel_at_a_time_forward_equals_the_separate_kernels(shape):
     separate_mean, separate_m2 = torch.ops.fusedbn.batch_stats(x)
     assert torch.equal(batch_mean, separate_mean) and torch.equal(batch_m2, separate_m2)
     assert torch.equal(mean, batch_mean)
+
+
+@pytest.mark.parametrize("act", ["identity", "relu"])
+def test_channel_at_a_time_backward_equals_the_separate_kernels(act):
+    # backward keeps x and dy of one channel in cache for large NCHW tensors; sums and dx must be bitwise those
+    # of backward_reduce + backward_elemt.
+    ops = torch.ops.fusedbn
+    x = random_input((32, 16, 64, 56), torch.float32, requires_grad=False)
+    dy = torch.randn_like(x)
+    w, b = torch.rand(16) + 0.5, torch.randn(16)
+    _, mean, invstd, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, act, 0.0)
+    count = float(32 * 64 * 56)
+    dx, _, dw, db = ops.backward(dy, x, None, mean, invstd, w, b, count, act, 0.0)
+    s1, s2 = ops.backward_reduce(dy, x, None, mean, invstd, w, b, act, 0.0)
+    dx_separate, _ = ops.backward_elemt(dy, x, None, mean, invstd, w, b, s1, s2, count, act, 0.0)
+    assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd)
+    assert torch.equal(dx, dx_separate)

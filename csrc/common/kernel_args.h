@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
+#include <optional>
+
 #include "activation.h"
 
 namespace fusedbn {
@@ -72,6 +74,10 @@ struct Backend {
   bool (*forward_train_fused)(const NormInputs& in, const at::Tensor& prior_mean, const at::Tensor& prior_var,
                               double prior_count, double eps, at::Tensor& batch_mean, at::Tensor& batch_m2,
                               at::Tensor& output);
+  // Optional (may be null): backward_reduce + backward_elemt in one go (count = None: statistics are constants),
+  // under the same contract as forward_train_fused.
+  bool (*backward_fused)(const NormInputs& in, const at::Tensor& grad_output, GradSums& sums,
+                         std::optional<double> count, at::Tensor& grad_input, at::Tensor& grad_residual);
 };
 
 }  // namespace fusedbn

@@ -7,6 +7,10 @@
 // statistics are constants, as in eval mode).
 #include "kernels.h"
 
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
 #include "channel_coefs.h"
 #include "work_items.h"
 
@@ -46,6 +50,69 @@ struct MaskedGrad {
   }
 };
 
+// (Σg, Σg·(x − mean)) over the spans of one planar work item.
+template <typename scalar_t, Activation A, bool kResidual, typename opmath_t = at::opmath_type<scalar_t>>
+SumPair reduce_span_item(const MaskedGrad<scalar_t, A, kResidual>& grad, const Layout& l, const SpanItem& it,
+                         opmath_t mean, opmath_t scale, opmath_t shift) {
+  const int64_t len = it.inner_end - it.inner_begin;
+  SumPair acc{0, 0};
+  for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
+    const int64_t off = span_offset(l, o, it.channel, it.inner_begin);
+    const auto [s1, s2] = simd_sum2<opmath_t>(len, [=](int64_t j) {
+      const opmath_t xmu = grad.xmu(off + j, mean);
+      const opmath_t g = grad(off + j, xmu, scale, shift);
+      return std::pair<opmath_t, opmath_t>(g, g * xmu);
+    });
+    acc.sum_dy += s1;
+    acc.sum_dy_xmu += s2;
+  }
+  return acc;
+}
+
+SumPair add(const SumPair& a, const SumPair& b) { return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu}; }
+
+// dx = g·scale − c1 − (x − mean)·c2 and dz = g, element by element.
+template <typename scalar_t, Activation A, bool kResidual>
+struct GradWriter {
+  using opmath_t = at::opmath_type<scalar_t>;
+  // The op layer asks for dz exactly when a residual passes through a non-identity activation.
+  static constexpr bool kWriteDz = kResidual && A != Activation::Identity;
+  MaskedGrad<scalar_t, A, kResidual> grad;
+  scalar_t* __restrict__ dx;
+  scalar_t* __restrict__ dz;
+
+  GradWriter(const NormInputs& in, const at::Tensor& grad_output, at::Tensor& grad_input, at::Tensor& grad_residual)
+      : grad(in, grad_output),
+        dx(grad_input.mutable_data_ptr<scalar_t>()),
+        dz(kWriteDz ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr) {}
+
+  void element(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1, opmath_t c2) const {
+    const opmath_t xmu = grad.xmu(i, mean);
+    const opmath_t g = grad(i, xmu, scale, shift);
+    dx[i] = static_cast<scalar_t>(g * scale - c1 - xmu * c2);
+    if constexpr (kWriteDz) dz[i] = static_cast<scalar_t>(g);
+  }
+
+  void span_item(const Layout& l, const SpanItem& it, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1,
+                 opmath_t c2) const {
+    const int64_t len = it.inner_end - it.inner_begin;
+    for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
+      const int64_t off = span_offset(l, o, it.channel, it.inner_begin);
+#pragma omp simd
+      for (int64_t j = off; j < off + len; ++j) element(j, mean, scale, shift, c1, c2);
+    }
+  }
+};
+
+// The correction terms of dx for one channel: c1 = scale·Σg/n, c2 = scale·invstd²·Σg·(x − mean)/n.
+template <typename opmath_t>
+std::pair<opmath_t, opmath_t> grad_corrections(double weight, double invstd, double sum_dy, double sum_dy_xmu,
+                                               double count) {
+  const double scale = weight * invstd;
+  return {static_cast<opmath_t>(scale * sum_dy / count),
+          static_cast<opmath_t>(scale * invstd * invstd * sum_dy_xmu / count)};
+}
+
 template <typename scalar_t, Activation A, bool kResidual>
 void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, GradSums& sums) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -54,21 +121,8 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
   const MaskedGrad<scalar_t, A, kResidual> grad(in, grad_output);
   const auto result = reduce_per_channel<SumPair>(
       l, SumPair{0, 0},
-      [&, grad](const SpanItem& it) {
-        const int64_t c = it.channel, len = it.inner_end - it.inner_begin;
-        const opmath_t mean = k.mean[c], scale = k.scale[c], shift = k.shift[c];
-        SumPair acc{0, 0};
-        for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
-          const int64_t off = span_offset(l, o, c, it.inner_begin);
-          const auto [s1, s2] = simd_sum2<opmath_t>(len, [=](int64_t j) {
-            const opmath_t xmu = grad.xmu(off + j, mean);
-            const opmath_t g = grad(off + j, xmu, scale, shift);
-            return std::pair<opmath_t, opmath_t>(g, g * xmu);
-          });
-          acc.sum_dy += s1;
-          acc.sum_dy_xmu += s2;
-        }
-        return acc;
+      [&](const SpanItem& it) {
+        return reduce_span_item(grad, l, it, k.mean[it.channel], k.scale[it.channel], k.shift[it.channel]);
       },
       [&, grad](int64_t r0, int64_t r1, SumPair* out) {
         const int64_t C = l.channels;
@@ -93,7 +147,7 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
           for (int64_t j = 0; j < W; ++j) out[c0 + j] = {static_cast<double>(s1[j]), static_cast<double>(s2[j])};
         });
       },
-      [](const SumPair& a, const SumPair& b) { return SumPair{a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu}; });
+      add);
   std::vector<double> s1(l.channels), s2(l.channels);
   for (int64_t c = 0; c < l.channels; ++c) {
     s1[c] = result[c].sum_dy;
@@ -110,40 +164,20 @@ void backward_elemt_typed(const NormInputs& in, const at::Tensor& grad_output, c
   const Layout l = in.layout;
   const int64_t C = l.channels;
   const NormCoefs<opmath_t> k(in);
-  const MaskedGrad<scalar_t, A, kResidual> grad(in, grad_output);
   std::vector<opmath_t> c1(C, 0), c2(C, 0);
   if (sums.sum_dy.defined()) {
     const auto invstd = channel_vector<double>(in.invstd, C, 0.0);
     const auto weight = channel_vector<double>(in.weight, C, 1.0);
     const auto s1 = channel_vector<double>(sums.sum_dy, C, 0.0);
     const auto s2 = channel_vector<double>(sums.sum_dy_xmu, C, 0.0);
-    for (int64_t c = 0; c < C; ++c) {
-      const double scale = weight[c] * invstd[c];
-      c1[c] = static_cast<opmath_t>(scale * s1[c] / count);
-      c2[c] = static_cast<opmath_t>(scale * invstd[c] * invstd[c] * s2[c] / count);
-    }
+    for (int64_t c = 0; c < C; ++c) std::tie(c1[c], c2[c]) = grad_corrections<opmath_t>(weight[c], invstd[c], s1[c], s2[c], count);
   }
-  // The op layer asks for dz exactly when a residual passes through a non-identity activation.
-  constexpr bool kWriteDz = kResidual && A != Activation::Identity;
-  scalar_t* __restrict__ dx = grad_input.mutable_data_ptr<scalar_t>();
-  scalar_t* __restrict__ dz = kWriteDz ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
-  // dx = g·scale − c1 − (x − mean)·c2, dz = g.
-  auto element = [=](int64_t i, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1, opmath_t c2) {
-    const opmath_t xmu = grad.xmu(i, mean);
-    const opmath_t g = grad(i, xmu, scale, shift);
-    dx[i] = static_cast<scalar_t>(g * scale - c1 - xmu * c2);
-    if constexpr (kWriteDz) dz[i] = static_cast<scalar_t>(g);
-  };
+  const GradWriter<scalar_t, A, kResidual> writer(in, grad_output, grad_input, grad_residual);
   for_each_item(
       l,
       [&](const SpanItem& it) {
-        const int64_t c = it.channel, len = it.inner_end - it.inner_begin;
-        const opmath_t mean = k.mean[c], scale = k.scale[c], shift = k.shift[c], a = c1[c], b = c2[c];
-        for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
-          const int64_t off = span_offset(l, o, c, it.inner_begin);
-#pragma omp simd
-          for (int64_t j = off; j < off + len; ++j) element(j, mean, scale, shift, a, b);
-        }
+        const int64_t c = it.channel;
+        writer.span_item(l, it, k.mean[c], k.scale[c], k.shift[c], c1[c], c2[c]);
       },
       [&](int64_t r0, int64_t r1) {
         const opmath_t* __restrict__ mean = k.mean.data();
@@ -153,9 +187,47 @@ void backward_elemt_typed(const NormInputs& in, const at::Tensor& grad_output, c
         const opmath_t* __restrict__ b = c2.data();
         for (int64_t r = r0; r < r1; ++r) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) element(r * C + c, mean[c], scale[c], shift[c], a[c], b[c]);
+          for (int64_t c = 0; c < C; ++c) writer.element(r * C + c, mean[c], scale[c], shift[c], a[c], b[c]);
         }
       });
+}
+
+// Reduction and elementwise pass one channel at a time (large NCHW tensors whose x and dy of one channel fit
+// in L2): x and dy come from memory once. Values equal the separate kernels' (same items, order, roundings).
+constexpr int64_t kCachedChannelBytes = 256 * 1024;
+constexpr int64_t kMinTensorBytes = 8 * 1024 * 1024;
+
+template <typename scalar_t, Activation A, bool kResidual>
+void backward_by_channel_typed(const NormInputs& in, const at::Tensor& grad_output, GradSums& sums,
+                               std::optional<double> count, at::Tensor& grad_input, at::Tensor& grad_residual) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using stats_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const Layout l = in.layout;
+  const PlanarItems items(l);
+  const NormCoefs<opmath_t> k(in);
+  const auto invstd = channel_vector<double>(in.invstd, l.channels, 0.0);
+  const auto weight = channel_vector<double>(in.weight, l.channels, 1.0);
+  const GradWriter<scalar_t, A, kResidual> writer(in, grad_output, grad_input, grad_residual);
+  stats_t* s1 = sums.sum_dy.mutable_data_ptr<stats_t>();
+  stats_t* s2 = sums.sum_dy_xmu.mutable_data_ptr<stats_t>();
+  at::parallel_for(0, l.channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      SumPair acc{0, 0};
+      for (int64_t i = 0; i < items.per_channel; ++i) {
+        acc = add(acc, reduce_span_item(writer.grad, l, items.item(c, i), k.mean[c], k.scale[c], k.shift[c]));
+      }
+      s1[c] = static_cast<stats_t>(acc.sum_dy);
+      s2[c] = static_cast<stats_t>(acc.sum_dy_xmu);
+      opmath_t c1 = 0, c2 = 0;
+      if (count.has_value()) {
+        std::tie(c1, c2) = grad_corrections<opmath_t>(weight[c], invstd[c], static_cast<double>(s1[c]),
+                                                      static_cast<double>(s2[c]), *count);
+      }
+      for (int64_t i = 0; i < items.per_channel; ++i) {
+        writer.span_item(l, items.item(c, i), k.mean[c], k.scale[c], k.shift[c], c1, c2);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -171,6 +243,20 @@ void backward_elemt(const NormInputs& in, const at::Tensor& grad_output, const G
   dispatch_norm_kernel(in, [&]<typename scalar_t, Activation A, bool kResidual>() {
     backward_elemt_typed<scalar_t, A, kResidual>(in, grad_output, sums, count, grad_input, grad_residual);
   });
+}
+
+bool backward_by_channel(const NormInputs& in, const at::Tensor& grad_output, GradSums& sums,
+                         std::optional<double> count, at::Tensor& grad_input, at::Tensor& grad_residual) {
+  const Layout l = in.layout;
+  const int64_t channel_bytes = 2 * l.count_per_channel() * static_cast<int64_t>(in.input.element_size());
+  if (l.inner <= 1 || l.channels < 2 || channel_bytes > kCachedChannelBytes ||
+      channel_bytes * l.channels < kMinTensorBytes) {
+    return false;
+  }
+  dispatch_norm_kernel(in, [&]<typename scalar_t, Activation A, bool kResidual>() {
+    backward_by_channel_typed<scalar_t, A, kResidual>(in, grad_output, sums, count, grad_input, grad_residual);
+  });
+  return true;
 }
 
 }  // namespace fusedbn::cpu

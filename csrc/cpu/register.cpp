@@ -8,7 +8,8 @@ namespace fusedbn::cpu {
 namespace {
 
 const Backend kCpuBackend{batch_moments,   batch_norm_stats, fixed_norm_stats,     normalize,
-                          backward_reduce, backward_elemt,   update_running_stats, forward_train_by_channel};
+                          backward_reduce, backward_elemt,   update_running_stats, forward_train_by_channel,
+                          backward_by_channel};
 
 const bool kRegistered = (register_backend(c10::DeviceType::CPU, &kCpuBackend), true);
 
