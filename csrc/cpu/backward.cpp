@@ -194,9 +194,6 @@ void backward_elemt_typed(const NormInputs& in, const at::Tensor& grad_output, c
 
 // Reduction and elementwise pass one channel at a time (large NCHW tensors whose x and dy of one channel fit
 // in L2): x and dy come from memory once. Values equal the separate kernels' (same items, order, roundings).
-constexpr int64_t kCachedChannelBytes = 256 * 1024;
-constexpr int64_t kMinTensorBytes = 8 * 1024 * 1024;
-
 template <typename scalar_t, Activation A, bool kResidual>
 void backward_by_channel_typed(const NormInputs& in, const at::Tensor& grad_output, GradSums& sums,
                                std::optional<double> count, at::Tensor& grad_input, at::Tensor& grad_residual) {
@@ -247,12 +244,8 @@ void backward_elemt(const NormInputs& in, const at::Tensor& grad_output, const G
 
 bool backward_by_channel(const NormInputs& in, const at::Tensor& grad_output, GradSums& sums,
                          std::optional<double> count, at::Tensor& grad_input, at::Tensor& grad_residual) {
-  const Layout l = in.layout;
-  const int64_t channel_bytes = 2 * l.count_per_channel() * static_cast<int64_t>(in.input.element_size());
-  if (l.inner <= 1 || l.channels < 2 || channel_bytes > kCachedChannelBytes ||
-      channel_bytes * l.channels < kMinTensorBytes) {
-    return false;
-  }
+  const int64_t channel_bytes = in.layout.count_per_channel() * static_cast<int64_t>(in.input.element_size());
+  if (!channel_at_a_time(in.layout, 2 * channel_bytes)) return false;
   dispatch_norm_kernel(in, [&]<typename scalar_t, Activation A, bool kResidual>() {
     backward_by_channel_typed<scalar_t, A, kResidual>(in, grad_output, sums, count, grad_input, grad_residual);
   });

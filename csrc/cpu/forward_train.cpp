@@ -12,11 +12,6 @@
 namespace fusedbn::cpu {
 namespace {
 
-// A channel must fit in L2 next to what else is there; below kMinTensorBytes the whole tensor stays in L3
-// between the separate passes anyway, and those parallelise better.
-constexpr int64_t kCachedChannelBytes = 512 * 1024;
-constexpr int64_t kMinTensorBytes = 8 * 1024 * 1024;
-
 template <typename scalar_t, Activation A, bool kResidual>
 void forward_train_typed(const NormInputs& in, const at::Tensor& prior_mean, const at::Tensor& prior_var,
                          double prior_count, double eps, at::Tensor& batch_mean, at::Tensor& batch_m2,
@@ -61,12 +56,8 @@ void forward_train_typed(const NormInputs& in, const at::Tensor& prior_mean, con
 bool forward_train_by_channel(const NormInputs& in, const at::Tensor& prior_mean, const at::Tensor& prior_var,
                               double prior_count, double eps, at::Tensor& batch_mean, at::Tensor& batch_m2,
                               at::Tensor& output) {
-  const Layout l = in.layout;
-  const int64_t channel_bytes = l.count_per_channel() * static_cast<int64_t>(in.input.element_size());
-  if (l.inner <= 1 || l.channels < 2 || channel_bytes > kCachedChannelBytes ||
-      channel_bytes * l.channels < kMinTensorBytes) {
-    return false;
-  }
+  const int64_t channel_bytes = in.layout.count_per_channel() * static_cast<int64_t>(in.input.element_size());
+  if (!channel_at_a_time(in.layout, channel_bytes)) return false;
   dispatch_norm_kernel(in, [&]<typename scalar_t, Activation A, bool kResidual>() {
     forward_train_typed<scalar_t, A, kResidual>(in, prior_mean, prior_var, prior_count, eps, batch_mean, batch_m2,
                                                 output);

@@ -66,6 +66,14 @@ inline int64_t grain_items(int64_t item_elems) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(item_elems, 1));
 }
 
+// Whether to run a pass one channel at a time (NCHW only): worth it when the tensor does not stay in L3
+// between two passes anyway (≥ 8 MB; below that the separate passes parallelise better) and when
+// `channel_bytes` (the channel's data in every tensor the pass reads) fits in L2.
+inline bool channel_at_a_time(const Layout& l, int64_t channel_bytes) {
+  constexpr int64_t kL2Bytes = 1024 * 1024, kMinTensorBytes = 8 * 1024 * 1024;
+  return l.inner > 1 && l.channels >= 2 && channel_bytes <= kL2Bytes && channel_bytes * l.channels >= kMinTensorBytes;
+}
+
 // Interleaved rows are reduced in blocks of kChannelBlock channels whose accumulators stay in registers
 // while the loop walks down the rows: f(c0, std::integral_constant<int64_t, W>) for each block of W
 // channels starting at c0 (W = kChannelBlock, then W = 1 for the remaining channels).
