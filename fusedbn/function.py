@@ -155,6 +155,20 @@ def small_batch_message(input: Tensor, min_count: int) -> str:
     return f"Expected {need} per channel when training, got input size {input.size()}"
 
 
+def small_batch_plan(count: int, has_running: bool, small_batch: str, min_count: int, prior_count: float,
+                     message: Callable[[], str]) -> tuple:
+    """(fixed, prior) for a training batch of `count` values per channel: fixed=True normalises with the running
+    statistics; prior > 0 blends that many pseudo-samples at them. Raises ValueError(message()) where the batch
+    cannot be normalised (small_batch="error", or one value and no running statistics)."""
+    if count >= min_count:
+        return False, 0.0
+    if small_batch == "error" or (not has_running and count == 1):
+        raise ValueError(message())
+    if not has_running:
+        return False, 0.0
+    return (True, 0.0) if small_batch == "running" else (False, float(prior_count))
+
+
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -182,16 +196,10 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
     count = n * h * w
     has_running = running_mean is not None
-    fixed, prior = False, 0.0
-    if count < min_count:
-        if small_batch == "error" or (not has_running and count == 1):
-            raise ValueError(small_batch_message(input, min_count))
-        if has_running and small_batch == "running":
-            fixed = True
-            if on_fallback is not None and not _compiling():
-                on_fallback()
-        elif has_running:
-            prior = float(prior_count)
+    fixed, prior = small_batch_plan(count, has_running, small_batch, min_count, prior_count,
+                                    lambda: small_batch_message(input, min_count))
+    if fixed and on_fallback is not None and not _compiling():
+        on_fallback()
     if fixed:
         return _apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
                       negative_slope)[0]

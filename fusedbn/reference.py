@@ -23,6 +23,14 @@ def activation_fn(name: str, v: Tensor, negative_slope: float) -> Tensor:
     return v
 
 
+def blend_moments(mean: Tensor, m2: Tensor, count, prior_mean: Tensor, prior_var: Tensor, prior_count: float):
+    """Chan merge of (count, mean, M2) with prior_count pseudo-samples at (prior_mean, prior_var):
+    n = m + m0, δ = μ − μ_R, μ̃ = μ − m0·δ/n, M2̃ = M2 + m0·σ²_R + δ²·m·m0/n. Returns (μ̃, M2̃, n)."""
+    n = count + prior_count
+    delta = mean - prior_mean
+    return mean - prior_count * delta / n, m2 + prior_count * prior_var + delta * delta * count * prior_count / n, n
+
+
 def reference_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                          residual: Optional[Tensor], *, batch_stats: bool, eps: float, activation: str,
                          negative_slope: float, mean: Optional[Tensor] = None, invstd: Optional[Tensor] = None,
@@ -42,11 +50,7 @@ def reference_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional
         mean = x.mean(dim=(0, 2, 3))
         m2 = ((x - mean.view(shape)) ** 2).sum(dim=(0, 2, 3))
         if prior_count > 0:
-            n = m + prior_count
-            delta = mean - prior_mean.to(dtype)
-            mean = mean - prior_count * delta / n
-            m2 = m2 + prior_count * prior_var.to(dtype) + delta**2 * m * prior_count / n
-            m = n
+            mean, m2, m = blend_moments(mean, m2, m, prior_mean.to(dtype), prior_var.to(dtype), prior_count)
         invstd = torch.rsqrt(m2 / m + eps)
     y = (x - mean.to(dtype).view(shape)) * invstd.to(dtype).view(shape)
     if weight is not None:

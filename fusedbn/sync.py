@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from ._ops import ops
 from .conversion import _fused_from
-from .function import _check_tensors, _compiling, small_batch_message
+from .function import _check_tensors, _compiling, small_batch_message, small_batch_plan
 from .modules import FusedBatchNorm2d
+from .reference import blend_moments
 
 
 def _collective_error(what: str, group, error: Exception) -> RuntimeError:
@@ -139,27 +140,21 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
         if count == 0:
             return super().forward(input, residual)  # nobody has values: nn's empty-batch behaviour
         has_running = running_mean is not None
-        prior = 0.0
-        if count < self.min_count:
-            if self.small_batch == "error" or (not has_running and count == 1):
-                raise ValueError(small_batch_message(input, self.min_count).replace(
-                    "got input size", f"got {count} across {dist.get_world_size(group)} ranks; local input size"))
-            if has_running and self.small_batch == "running":
-                if not _compiling():
-                    self._warn_small_batch()
-                return SyncFusedBatchNormFunction.apply(
-                    input, self.weight, self.bias, residual, running_mean, running_var, None, self.eps,
-                    self.activation, self.negative_slope, group)
-            if has_running:
-                prior = self.prior_count
-        norm_mean, norm_var, norm_count = mean, m2 / count, float(count)
+        fixed, prior = small_batch_plan(
+            count, has_running, self.small_batch, self.min_count, self.prior_count,
+            lambda: small_batch_message(input, self.min_count).replace(
+                "got input size", f"got {count} across {dist.get_world_size(group)} ranks; local input size"))
+        if fixed:
+            if not _compiling():
+                self._warn_small_batch()
+            return SyncFusedBatchNormFunction.apply(
+                input, self.weight, self.bias, residual, running_mean, running_var, None, self.eps,
+                self.activation, self.negative_slope, group)
+        norm_mean, norm_m2, norm_count = mean, m2, float(count)
         if prior > 0:
-            # Blend with prior pseudo-samples at the running statistics (see fused_batch_norm).
-            total = count + prior
-            delta = mean - running_mean.to(mean.dtype)
-            norm_mean = mean - prior * delta / total
-            norm_var = (m2 + prior * running_var.to(mean.dtype) + delta * delta * count * prior / total) / total
-            norm_count = total
+            norm_mean, norm_m2, norm_count = blend_moments(mean, m2, float(count), running_mean.to(mean.dtype),
+                                                           running_var.to(mean.dtype), prior)
+        norm_var = norm_m2 / norm_count
         output = SyncFusedBatchNormFunction.apply(
             input, self.weight, self.bias, residual, norm_mean, norm_var, norm_count, self.eps, self.activation,
             self.negative_slope, group)

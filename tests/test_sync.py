@@ -103,6 +103,30 @@ def test_small_batch_fallback_looks_at_the_global_count():
     run_world("_case_fallback_on_global_count", 2)
 
 
+def _case_blend_on_global_count(rank, world):
+    # min_count = 8, global count 3 (2 + 1 values per channel): blended with the prior, as one process would.
+    torch.manual_seed(3)
+    full = torch.randn(3, 4, 1, 1, dtype=torch.float64) + 2
+    single = fusedbn.FusedBatchNorm2d(4, small_batch="blend", min_count=8, prior_count=5.0).double()
+    with torch.no_grad():
+        single.running_mean.uniform_(-1, 1), single.running_var.uniform_(0.5, 2)
+    sync = fusedbn.SyncFusedBatchNorm2d(4, small_batch="blend", min_count=8, prior_count=5.0).double()
+    sync.load_state_dict(single.state_dict())
+    part = _slice([2, 1], rank)
+    x_full, x = full.clone().requires_grad_(), full[part].clone().requires_grad_()
+    y_full, y = single(x_full), sync(x)
+    g = torch.linspace(-1, 1, 12, dtype=torch.float64).view(3, 4, 1, 1)
+    y_full.backward(g), y.backward(g[part])
+    torch.testing.assert_close(y, y_full.detach()[part], **TOL)
+    torch.testing.assert_close(x.grad, x_full.grad[part], **TOL)
+    for (name, a), b in zip(single.state_dict().items(), sync.state_dict().values()):
+        torch.testing.assert_close(b, a, **TOL, msg=name)
+
+
+def test_blend_mode_on_the_global_count():
+    run_world("_case_blend_on_global_count", 2)
+
+
 def _net(bn):
     torch.manual_seed(1)
     return nn.Sequential(nn.Conv2d(3, 4, 3), bn, nn.Conv2d(4, 2, 1))
