@@ -210,15 +210,21 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                                           activation, negative_slope)
     if training and has_running and count >= 2:
         # After the output exists, so that no traced graph reads the buffers after their update.
-        updated = ops.update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean, batch_m2,
-                                           count, momentum)
-        # The warning reads a flag on the host: on CUDA that would synchronise every layer of every step, so
-        # there the guard (applied on the device) is silent.
-        if not _compiling() and updated.device.type == "cpu" and not bool(updated):
-            warnings.warn("fusedbn: the batch mean or variance is not finite (NaN or Inf in the input); "
-                          "running statistics and num_batches_tracked were left unchanged for this batch",
-                          RuntimeWarning, stacklevel=3)
+        update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean, batch_m2, count, momentum)
     return output
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
+                         batch_mean: Tensor, batch_m2: Tensor, count: int, momentum: Optional[float]) -> None:
+    """The running-statistics update (skipped, with a warning, for a non-finite batch)."""
+    updated = ops.update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean, batch_m2, count,
+                                       momentum)
+    # The warning reads a flag on the host: on CUDA that would synchronise every layer of every step, so there
+    # the guard (applied on the device) is silent.
+    if not _compiling() and updated.device.type == "cpu" and not bool(updated):
+        warnings.warn("fusedbn: the batch mean or variance is not finite (NaN or Inf in the input); running "
+                      "statistics and num_batches_tracked were left unchanged for this batch", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _apply(*args):

@@ -50,6 +50,9 @@ class FusedBatchNorm2d(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels (num_features), "
+                             f"got {input.shape[1]} (input shape {tuple(input.shape)})")
 
     def _warn_small_batch(self) -> None:
         if not self._warned_small_batch:
@@ -61,9 +64,6 @@ class FusedBatchNorm2d(_BatchNorm):
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(f"expected input with {self.num_features} channels (num_features), "
-                             f"got {input.shape[1]} (input shape {tuple(input.shape)})")
         tracking = self.training and self.track_running_stats
         # As nn.BatchNorm2d: in training without tracking, the buffers are neither used nor updated.
         use_buffers = not self.training or self.track_running_stats

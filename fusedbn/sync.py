@@ -7,7 +7,6 @@ Backward: one all_reduce of (Σg, Σg·(x − mean)), 2·C values. Works on CPU 
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 
 from ._ops import ops
 from .conversion import _fused_from
-from .function import _check_tensors, _compiling, small_batch_message, small_batch_plan
+from .function import _check_tensors, _compiling, small_batch_message, small_batch_plan, update_running_stats
 from .modules import FusedBatchNorm2d
 from .reference import blend_moments
 
@@ -122,9 +121,6 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
         if not self._synchronised():
             return super().forward(input, residual)
         self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(f"expected input with {self.num_features} channels (num_features), "
-                             f"got {input.shape[1]} (input shape {tuple(input.shape)})")
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
         _check_tensors(input, running_mean, running_var, self.weight, self.bias, residual)
@@ -160,10 +156,7 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
             self.negative_slope, group)
         if has_running and count >= 2:
             tracked = self.num_batches_tracked if self.track_running_stats else None
-            updated = ops.update_running_stats(running_mean, running_var, tracked, mean, m2, count, self.momentum)
-            if not _compiling() and updated.device.type == "cpu" and not bool(updated):
-                warnings.warn("fusedbn: the batch mean or variance is not finite; running statistics and "
-                              "num_batches_tracked were left unchanged for this batch", RuntimeWarning, stacklevel=2)
+            update_running_stats(running_mean, running_var, tracked, mean, m2, count, self.momentum)
         return output
 
     @classmethod
