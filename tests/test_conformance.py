@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from fusedbn import fused_batch_norm
 from helpers import TOL, module_pair, random_input, step_both
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
@@ -109,6 +110,25 @@ def test_half_precision_module(dtype):
     # The whole module converted with .to(dtype), as model.half() does.
     ref, fused = module_pair(4, dtype=dtype)
     step_both(ref, fused, random_input((3, 4, 5, 5), dtype), torch.randn(3, 4, 5, 5).to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+def test_half_precision_rounding_matches_torch(dtype, memory_format):
+    # The kernels convert float32 to float16/bfloat16 with their own vectorisable code. With mean 0 and
+    # var + eps = 1 exactly, the output is x·weight in float32, rounded: it must be bitwise torch's rounding,
+    # including ties, subnormals, overflow to Inf, Inf and NaN.
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), info.max, -info.max, info.tiny,
+                            info.tiny / 4, -info.tiny / 3, info.eps, 1.0, -1.0])
+    x = torch.cat([special, torch.randn(5000) * torch.logspace(-9, 4, 5000)]).to(dtype)
+    x = x[: x.numel() // 13 * 13].reshape(1, 13, -1, 1).contiguous(memory_format=memory_format)
+    weight = torch.randn(13) * torch.logspace(-2, 3, 13)  # scales some values into overflow and subnormals
+    eps = 2.0 ** -10
+    y = fused_batch_norm(x, torch.zeros(13), torch.full((13,), 1 - eps), weight, None, training=False, eps=eps)
+    expected = (x.float() * weight.view(1, -1, 1, 1) + 0.0).to(dtype)  # + bias 0 as the kernel adds it
+    assert torch.equal(y.view(torch.int16)[~y.isnan()], expected.view(torch.int16)[~expected.isnan()])
+    assert torch.equal(y.isnan(), expected.isnan())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -37,13 +37,13 @@ struct MaskedGrad {
         z(kResidual ? in.residual.const_data_ptr<scalar_t>() : nullptr),
         slope(static_cast<opmath_t>(in.negative_slope)) {}
 
-  opmath_t xmu(int64_t i, opmath_t mean) const { return static_cast<opmath_t>(x[i]) - mean; }
+  opmath_t xmu(int64_t i, opmath_t mean) const { return to_opmath(x[i]) - mean; }
 
   opmath_t operator()(int64_t i, opmath_t xmu, opmath_t scale, opmath_t shift) const {
-    opmath_t g = static_cast<opmath_t>(dy[i]);
+    opmath_t g = to_opmath(dy[i]);
     if constexpr (A != Activation::Identity) {
       opmath_t pre = xmu * scale + shift;
-      if constexpr (kResidual) pre += static_cast<opmath_t>(z[i]);
+      if constexpr (kResidual) pre += to_opmath(z[i]);
       g *= activation_grad<A>(pre, slope);
     }
     return g;
@@ -89,8 +89,8 @@ struct GradWriter {
   void element(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1, opmath_t c2) const {
     const opmath_t xmu = grad.xmu(i, mean);
     const opmath_t g = grad(i, xmu, scale, shift);
-    dx[i] = static_cast<scalar_t>(g * scale - c1 - xmu * c2);
-    if constexpr (kWriteDz) dz[i] = static_cast<scalar_t>(g);
+    dx[i] = from_opmath<scalar_t>(g * scale - c1 - xmu * c2);
+    if constexpr (kWriteDz) dz[i] = from_opmath<scalar_t>(g);
   }
 
   void span_item(const Layout& l, const SpanItem& it, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1,

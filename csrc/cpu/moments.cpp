@@ -27,7 +27,7 @@ void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int
     for (int64_t r = row_begin; r < row_end; ++r) {
       const scalar_t* row = x + r * C + c0;
 #pragma omp simd
-      for (int64_t j = 0; j < W; ++j) sum[j] += static_cast<opmath_t>(row[j]);
+      for (int64_t j = 0; j < W; ++j) sum[j] += to_opmath(row[j]);
     }
     opmath_t shift[W], s1[W] = {}, s2[W] = {};
     for (int64_t j = 0; j < W; ++j) shift[j] = static_cast<opmath_t>(static_cast<double>(sum[j]) / n);
@@ -35,7 +35,7 @@ void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int
       const scalar_t* row = x + r * C + c0;
 #pragma omp simd
       for (int64_t j = 0; j < W; ++j) {
-        const opmath_t d = static_cast<opmath_t>(row[j]) - shift[j];
+        const opmath_t d = to_opmath(row[j]) - shift[j];
         s1[j] += d;
         s2[j] += d * d;
       }

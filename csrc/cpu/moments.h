@@ -29,7 +29,7 @@ Stats span_item_moments(const scalar_t* x, const Layout& l, const SpanItem& it) 
   opmath_t sum = 0;
   for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
     const scalar_t* xs = span(o);
-    sum += simd_sum<opmath_t>(len, [&](int64_t i) { return static_cast<opmath_t>(xs[i]); });
+    sum += simd_sum<opmath_t>(len, [&](int64_t i) { return to_opmath(xs[i]); });
   }
   const double n = static_cast<double>((it.outer_end - it.outer_begin) * len);
   const opmath_t shift = static_cast<opmath_t>(static_cast<double>(sum) / n);
@@ -37,7 +37,7 @@ Stats span_item_moments(const scalar_t* x, const Layout& l, const SpanItem& it) 
   for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
     const scalar_t* xs = span(o);
     const auto [d1, d2] = simd_sum2<opmath_t>(len, [&](int64_t i) {
-      const opmath_t d = static_cast<opmath_t>(xs[i]) - shift;
+      const opmath_t d = to_opmath(xs[i]) - shift;
       return std::pair<opmath_t, opmath_t>(d, d * d);
     });
     sum_d += d1;

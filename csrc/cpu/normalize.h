@@ -26,9 +26,9 @@ struct Normalizer {
         slope(static_cast<opmath_t>(in.negative_slope)) {}
 
   void element(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift) const {
-    opmath_t pre = (static_cast<opmath_t>(x[i]) - mean) * scale + shift;
-    if constexpr (kResidual) pre += static_cast<opmath_t>(z[i]);
-    y[i] = static_cast<scalar_t>(activate<A>(pre, slope));
+    opmath_t pre = (to_opmath(x[i]) - mean) * scale + shift;
+    if constexpr (kResidual) pre += to_opmath(z[i]);
+    y[i] = from_opmath<scalar_t>(activate<A>(pre, slope));
   }
 
   // The spans of one planar work item, all of channel it.channel.

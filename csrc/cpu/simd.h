@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "convert.h"
+
 namespace fusedbn::cpu {
 
 // Σ f(i) for i in [0, n), in acc_t, vectorised (`omp simd` lets the compiler reassociate the sum across

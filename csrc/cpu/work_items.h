@@ -66,12 +66,15 @@ inline int64_t grain_items(int64_t item_elems) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(item_elems, 1));
 }
 
-// Whether to run a pass one channel at a time (NCHW only): worth it when the tensor does not stay in L3
-// between two passes anyway (≥ 8 MB; below that the separate passes parallelise better) and when
-// `channel_bytes` (the channel's data in every tensor the pass reads) fits in L2.
+// Whether to run a pass one channel at a time (NCHW only), which reads the data from memory once instead of
+// twice: when `channel_bytes` (the channel's data in every tensor the pass reads) fits in L2, and either there are
+// enough channels to keep every thread busy (≥ 4 each; parallel over channels then balances as well as over
+// items) or the tensor is too large to stay in L3 between two passes anyway (≥ 8 MB). Results do not depend on
+// it: both paths use the same items and merge order.
 inline bool channel_at_a_time(const Layout& l, int64_t channel_bytes) {
-  constexpr int64_t kL2Bytes = 1024 * 1024, kMinTensorBytes = 8 * 1024 * 1024;
-  return l.inner > 1 && l.channels >= 2 && channel_bytes <= kL2Bytes && channel_bytes * l.channels >= kMinTensorBytes;
+  constexpr int64_t kL2Bytes = 1024 * 1024, kL3ResidentBytes = 8 * 1024 * 1024, kChannelsPerThread = 4;
+  if (l.inner <= 1 || l.channels < 2 || channel_bytes > kL2Bytes) return false;
+  return l.channels >= kChannelsPerThread * at::get_num_threads() || channel_bytes * l.channels >= kL3ResidentBytes;
 }
 
 // Interleaved rows are reduced in blocks of kChannelBlock channels whose accumulators stay in registers

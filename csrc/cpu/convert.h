@@ -1,0 +1,76 @@
+// Conversions between the storage type and the math type (float for Half and BFloat16) that gcc vectorises.
+// c10's own Half/BFloat16 conversions stop the elementwise loops from vectorising (a NaN branch, scalar
+// F16C calls), which made the 16-bit kernels compute-bound. Results are bitwise those of c10's conversions
+// (round to nearest even; checked for every float input).
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace fusedbn::cpu {
+namespace detail {
+
+inline uint32_t bits_of(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
+
+inline float float_of(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+
+}  // namespace detail
+
+inline float to_opmath(float v) { return v; }
+inline double to_opmath(double v) { return v; }
+inline float to_opmath(c10::BFloat16 v) { return detail::float_of(static_cast<uint32_t>(v.x) << 16); }
+
+// Half → float without branches (M. Maratos, FP16 library): normal numbers by rescaling the shifted bits,
+// subnormals through the float 0.5 magic.
+inline float to_opmath(c10::Half v) {
+  using detail::bits_of, detail::float_of;
+  const uint32_t w = static_cast<uint32_t>(v.x) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normal = float_of((two_w >> 4) + (0xE0u << 23)) * float_of(0x07800000u);  // × 2^-112
+  const float subnormal = float_of((two_w >> 17) | (126u << 23)) - 0.5f;
+  return float_of(sign | (two_w < (1u << 27) ? bits_of(subnormal) : bits_of(normal)));
+}
+
+template <typename scalar_t>
+inline scalar_t from_opmath(at::opmath_type<scalar_t> v) {
+  return v;
+}
+
+// float → bfloat16, round to nearest even; NaN → the canonical quiet NaN.
+template <>
+inline c10::BFloat16 from_opmath<c10::BFloat16>(float v) {
+  const uint32_t bits = detail::bits_of(v);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+// float → half, round to nearest even, without branches (F. Giesen, float_to_half_fast3_rtne): overflow to
+// Inf (NaN stays NaN), subnormals through a float add that rounds at the right bit, normals by rebiasing.
+template <>
+inline c10::Half from_opmath<c10::Half>(float v) {
+  using detail::bits_of, detail::float_of;
+  const uint32_t bits = bits_of(v);
+  const uint32_t sign = bits & 0x80000000u;
+  const uint32_t a = bits ^ sign;
+  constexpr uint32_t kSubnormalMagic = ((127 - 15) + (23 - 10) + 1) << 23;
+  const uint32_t subnormal = bits_of(float_of(a) + float_of(kSubnormalMagic)) - kSubnormalMagic;
+  const uint32_t normal = (a + ((15u - 127u) << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t overflow = a > (255u << 23) ? 0x7E00u : 0x7C00u;
+  const uint32_t h = a >= (143u << 23) ? overflow : (a < (113u << 23) ? subnormal : normal);
+  return c10::Half(static_cast<uint16_t>(h | (sign >> 16)), c10::Half::from_bits());
+}
+
+}  // namespace fusedbn::cpu
