@@ -20,6 +20,7 @@ from .reference import activation_fn, reference_batch_norm
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
 SMALL_BATCH_MODES = ("running", "blend", "error")
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class FusedBatchNormFunction(torch.autograd.Function):
@@ -38,6 +39,9 @@ class FusedBatchNormFunction(torch.autograd.Function):
         output, mean, invstd, batch_mean, batch_m2 = _forward(
             input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation,
             negative_slope)
+        if not batch_stats:
+            batch_mean, batch_m2 = mean.new_empty((0,)), mean.new_empty((0,))
+        ctx.set_materialize_grads(False)  # batch_mean and batch_m2 get no gradient: no zeros to allocate
         n, c, h, w = input.shape
         ctx.count = float(n * h * w) + prior_count if batch_stats else None
         ctx.batch_stats, ctx.prior_count, ctx.eps = batch_stats, prior_count, eps
@@ -52,6 +56,8 @@ class FusedBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_batch_mean, _grad_batch_m2):
+        if grad_output is None:  # the output was not used
+            return (None,) * 11
         input, weight, bias, residual, mean, invstd, prior_mean, prior_var = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():
@@ -78,13 +84,14 @@ class FusedBatchNormFunction(torch.autograd.Function):
 
 def _forward(input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation,
              negative_slope):
-    """(output, mean, invstd, batch_mean, batch_m2) of FusedBatchNormFunction.forward (see its docstring)."""
+    """(output, mean, invstd, batch_mean, batch_m2) of FusedBatchNormFunction.forward (see its docstring); the
+    batch statistics are None when batch_stats is False."""
     if batch_stats:
         return ops.forward_train(input, weight, bias, residual, stats_mean, stats_var, prior_count, eps, activation,
                                  negative_slope)
     output, mean, invstd = ops.normalize(input, weight, bias, residual, stats_mean, stats_var, eps, activation,
                                          negative_slope)
-    return output, mean, invstd, mean.new_empty((0,)), mean.new_empty((0,))
+    return output, mean, invstd, None, None
 
 
 def check_options(eps, momentum, activation, negative_slope, small_batch, min_count, prior_count,
@@ -118,10 +125,9 @@ def _check_tensors(input, running_mean, running_var, weight, bias, residual) -> 
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != 4:
         raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"input must be float64, float32, float16 or bfloat16, got {input.dtype}")
-    channels = input.shape[1]
-    low_precision = input.dtype in (torch.float16, torch.bfloat16)
+    dtype, device, channel_shape = input.dtype, input.device, (input.shape[1],)
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be float64, float32, float16 or bfloat16, got {dtype}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
@@ -130,22 +136,22 @@ def _check_tensors(input, running_mean, running_var, weight, bias, residual) -> 
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.shape != (channels,):
-            raise ValueError(f"{name} must have shape ({channels},), one value per input channel, "
+        if t.shape != channel_shape:
+            raise ValueError(f"{name} must have shape {channel_shape}, one value per input channel, "
                              f"got {tuple(t.shape)}")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
-        if t.dtype != input.dtype and not (low_precision and t.dtype == torch.float32):
-            allowed = f"{input.dtype}" + (" or torch.float32" if low_precision else "")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but input is on {device}")
+        if t.dtype != dtype and not (t.dtype == torch.float32 and dtype in _LOW_PRECISION):
+            allowed = f"{dtype}" + (" or torch.float32" if dtype in _LOW_PRECISION else "")
             raise TypeError(f"{name} must have dtype {allowed} to match the input, got {t.dtype}")
-        if name.startswith("running") and t.requires_grad:
+        if t.requires_grad and name.startswith("running"):
             raise ValueError(f"{name} must not require grad: running statistics are buffers, not parameters")
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-        if residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device:
-            raise ValueError(f"residual must match the input's shape {tuple(input.shape)}, dtype {input.dtype} "
-                             f"and device {input.device}, got {tuple(residual.shape)}, {residual.dtype}, "
+        if residual.shape != input.shape or residual.dtype != dtype or residual.device != device:
+            raise ValueError(f"residual must match the input's shape {tuple(input.shape)}, dtype {dtype} "
+                             f"and device {device}, got {tuple(residual.shape)}, {residual.dtype}, "
                              f"{residual.device}")
 
 
@@ -231,7 +237,9 @@ def _apply(*args):
     """FusedBatchNormFunction.apply(*args) -> (output, batch_mean, batch_m2); the ops directly where no gradient
     is needed (inference, torch.no_grad), which saves the autograd.Function's overhead on small tensors."""
     input, weight, bias, residual = args[:4]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
+    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)
+                                    or (residual is not None and residual.requires_grad)):
         return FusedBatchNormFunction.apply(*args)
     output, _, _, batch_mean, batch_m2 = _forward(*args)
     return output, batch_mean, batch_m2
