@@ -11,9 +11,9 @@ from helpers import TOL, module_pair, random_input, step_both
 FORMATS = [torch.contiguous_format, torch.channels_last]
 
 # Odd and degenerate shapes: N = 1 with H·W > 1, C = 1, H = W = 1 with N > 1, sizes around the kernels'
-# work-item boundaries (4096 values per planar item, 16384 per channels_last item).
+# work-item boundaries (4096 values per planar item, 65536 per channels_last item: (4, 40, 24, 24) has two).
 SHAPES = [(4, 3, 5, 7), (1, 5, 3, 3), (1, 1, 2, 1), (7, 2, 1, 1), (2, 1, 9, 9), (3, 17, 1, 2),
-          (2, 3, 64, 65), (1, 2, 91, 91), (5, 33, 11, 3), (64, 300, 1, 1)]
+          (2, 3, 64, 65), (1, 2, 91, 91), (5, 33, 11, 3), (64, 300, 1, 1), (4, 40, 24, 24)]
 
 
 def random_shapes(count, seed):

@@ -17,7 +17,9 @@
 namespace fusedbn::cpu {
 
 constexpr int64_t kItemElems = 4096;     // planar items: elements of one channel
-constexpr int64_t kRowItemElems = 16384; // interleaved items: rows × channels
+constexpr int64_t kRowItemElems = 65536; // interleaved items: rows × channels (a 32-channel block of an item
+                                         // stays in L2 between its two passes; fewer, larger items mean fewer
+                                         // per-channel merges, which dominated small channels_last tensors)
 constexpr int64_t kGrainElems = 131072;  // elements below which a loop is not worth a thread
 
 // Planar layouts (inner > 1): an item is a run of whole spans of one channel, or a piece of one span.
