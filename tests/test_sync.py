@@ -175,21 +175,26 @@ def test_without_process_group_is_fused_batch_norm():
 
 
 def _case_timeout(rank, world, flag_path):
-    sync = fusedbn.SyncFusedBatchNorm2d(3)
+    # Both ranks are in (the rendezvous had the default timeout, which a loaded machine may need); the layer's
+    # group times out after 3 s.
+    group = dist.new_group(timeout=timedelta(seconds=3))
+    sync = fusedbn.SyncFusedBatchNorm2d(3, process_group=group)
     if rank == 1:
         time.sleep(6)  # never joins the collective
-        return
+        os._exit(0)  # a group whose collective timed out cannot be shut down cleanly: leave without destructors
     start = time.time()
     with pytest.raises(RuntimeError, match="fusedbn SyncFusedBatchNorm2d: all_gather of the batch statistics failed "
                                            "on rank 0 of 2"):
         sync(torch.randn(2, 3, 4, 4))
     assert time.time() - start < 20
-    open(flag_path, "w").write("raised")
+    with open(flag_path, "w") as f:
+        f.write("raised")
+    os._exit(0)
 
 
 def test_a_rank_that_does_not_join_raises_a_clear_error(tmp_path):
     flag = tmp_path / "flag"
-    run_world("_case_timeout", 2, str(flag), timeout_s=3)
+    run_world("_case_timeout", 2, str(flag))
     assert flag.read_text() == "raised"
 
 
