@@ -244,8 +244,7 @@ void backward_elemt(const NormInputs& in, const at::Tensor& grad_output, const G
 
 bool backward_by_channel(const NormInputs& in, const at::Tensor& grad_output, GradSums& sums,
                          std::optional<double> count, at::Tensor& grad_input, at::Tensor& grad_residual) {
-  const int64_t channel_bytes = in.layout.count_per_channel() * static_cast<int64_t>(in.input.element_size());
-  if (!channel_at_a_time(in.layout, 2 * channel_bytes)) return false;
+  if (!channel_at_a_time(in.layout, static_cast<int64_t>(in.input.element_size()), 2)) return false;
   dispatch_norm_kernel(in, [&]<typename scalar_t, Activation A, bool kResidual>() {
     backward_by_channel_typed<scalar_t, A, kResidual>(in, grad_output, sums, count, grad_input, grad_residual);
   });

@@ -56,8 +56,7 @@ void forward_train_typed(const NormInputs& in, const at::Tensor& prior_mean, con
 bool forward_train_by_channel(const NormInputs& in, const at::Tensor& prior_mean, const at::Tensor& prior_var,
                               double prior_count, double eps, at::Tensor& batch_mean, at::Tensor& batch_m2,
                               at::Tensor& output) {
-  const int64_t channel_bytes = in.layout.count_per_channel() * static_cast<int64_t>(in.input.element_size());
-  if (!channel_at_a_time(in.layout, channel_bytes)) return false;
+  if (!channel_at_a_time(in.layout, static_cast<int64_t>(in.input.element_size()), 1)) return false;
   dispatch_norm_kernel(in, [&]<typename scalar_t, Activation A, bool kResidual>() {
     forward_train_typed<scalar_t, A, kResidual>(in, prior_mean, prior_var, prior_count, eps, batch_mean, batch_m2,
                                                 output);

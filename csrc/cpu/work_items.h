@@ -69,14 +69,22 @@ inline int64_t grain_items(int64_t item_elems) {
 }
 
 // Whether to run a pass one channel at a time (NCHW only), which reads the data from memory once instead of
-// twice: when `channel_bytes` (the channel's data in every tensor the pass reads) fits in L2, and either there are
-// enough channels to keep every thread busy (≥ 4 each; parallel over channels then balances as well as over
-// items) or the tensor is too large to stay in L3 between two passes anyway (≥ 8 MB). Results do not depend on
-// it: both paths use the same items and merge order.
-inline bool channel_at_a_time(const Layout& l, int64_t channel_bytes) {
-  constexpr int64_t kL2Bytes = 1024 * 1024, kL3ResidentBytes = 8 * 1024 * 1024, kChannelsPerThread = 4;
+// twice. `tensors` is how many tensors of the input's size the pass reads (x; or x and dy). Worth it when
+//  - the channel's data fits in L2, so that the second read comes from there;
+//  - its spans are at least a page long, or the whole data fits in L2: a channel of short spans lies scattered
+//    over C·inner-element strides, and reading it span by span from L3 or memory is latency-bound (at
+//    (32, 256, 14, 14), 784-byte spans, the two memory-order passes are faster);
+//  - there are enough channels to keep every thread busy (≥ 4 each), or the data is too large to stay in L3
+//    between two passes anyway (≥ 8 MB).
+// Results do not depend on it: both paths use the same items and merge order.
+inline bool channel_at_a_time(const Layout& l, int64_t element_bytes, int64_t tensors) {
+  constexpr int64_t kL2Bytes = 1024 * 1024, kPageBytes = 4096, kL3ResidentBytes = 8 * 1024 * 1024;
+  constexpr int64_t kChannelsPerThread = 4;
+  const int64_t channel_bytes = l.count_per_channel() * element_bytes * tensors;
+  const int64_t data_bytes = channel_bytes * l.channels;
   if (l.inner <= 1 || l.channels < 2 || channel_bytes > kL2Bytes) return false;
-  return l.channels >= kChannelsPerThread * at::get_num_threads() || channel_bytes * l.channels >= kL3ResidentBytes;
+  if (l.inner * element_bytes < kPageBytes && data_bytes > kL2Bytes) return false;
+  return l.channels >= kChannelsPerThread * at::get_num_threads() || data_bytes >= kL3ResidentBytes;
 }
 
 // Interleaved rows are reduced in blocks of kChannelBlock channels whose accumulators stay in registers
