@@ -50,6 +50,24 @@ def test_activation_and_residual_match_nn(act, residual, training, memory_format
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu"])
+def test_nan_passes_through_the_activation_as_in_torch(act, dtype):
+    # A NaN batch is not hidden by the fused activation: nn.BatchNorm2d + act gives NaN for the poisoned channel.
+    x = random_input((3, 4, 5, 5), dtype, requires_grad=False)
+    x[1, 2, 3, 3] = float("nan")
+    x[0, 1, 1, 2] = float("nan")
+    ref = nn.BatchNorm2d(4).to(dtype)
+    fused = fusedbn.FusedBatchNorm2d(4, activation=act, negative_slope=0.2).to(dtype)
+    for train in (False, True):  # eval first: nn's training step writes NaN into its running statistics
+        ref.train(train), fused.train(train)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the non-finite guard's warning
+            expected, y = ACTS[act](ref(x)), fused(x)
+        assert torch.equal(y.isnan(), expected.isnan()), f"training={train}"
+        assert y.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_relu_residual_low_precision(dtype):
     shape = (3, 6, 5, 5)
     ref, fused = module_pair(6, dtype=torch.float32, activation="relu")

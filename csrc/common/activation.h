@@ -54,10 +54,12 @@ C10_HOST_DEVICE inline T exp_of(T v) {
 
 template <Activation A, typename T>
 C10_HOST_DEVICE inline T activate(T v, T negative_slope) {
+  // Written so that NaN passes through, as in torch.relu and F.leaky_relu (a comparison with NaN is false); each
+  // is one compare and one select (or max), which vectorise.
   if constexpr (A == Activation::ReLU) {
-    return v > T(0) ? v : T(0);
+    return v < T(0) ? T(0) : v;
   } else if constexpr (A == Activation::LeakyReLU) {
-    return (v > T(0) ? v : T(0)) + negative_slope * (v < T(0) ? v : T(0));  // branch-free: vectorises
+    return v < T(0) ? v * negative_slope : v;
   } else if constexpr (A == Activation::SiLU) {
     return v / (T(1) + exp_of(-v));
   } else {
