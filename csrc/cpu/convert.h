@@ -8,8 +8,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace fusedbn::cpu {
 namespace detail {
@@ -71,6 +73,28 @@ inline c10::Half from_opmath<c10::Half>(float v) {
   const uint32_t overflow = a > (255u << 23) ? 0x7E00u : 0x7C00u;
   const uint32_t h = a >= (143u << 23) ? overflow : (a < (113u << 23) ? subnormal : normal);
   return c10::Half(static_cast<uint16_t>(h | (sign >> 16)), c10::Half::from_bits());
+}
+
+// y[i] = from_opmath<scalar_t>(f(i)) for i in [0, n), vectorised. For 16-bit outputs the float values pass through
+// a small buffer in L1: converting in the loop that computes them lets gcc move the ReLU's select past the
+// conversion, which nearly doubled the instructions per element.
+template <typename scalar_t, typename F>
+inline void store_converted(scalar_t* __restrict__ y, int64_t n, const F& f) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = f(i);
+  } else {
+    constexpr int64_t kChunk = 256;
+    opmath_t buf[kChunk];
+    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+      const int64_t m = std::min(kChunk, n - i0);
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) buf[j] = f(i0 + j);
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) y[i0 + j] = from_opmath<scalar_t>(buf[j]);
+    }
+  }
 }
 
 }  // namespace fusedbn::cpu

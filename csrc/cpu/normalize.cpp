@@ -25,8 +25,7 @@ void normalize_typed(const NormInputs& in, at::Tensor& output) {
         const opmath_t* __restrict__ scale = k.scale.data();
         const opmath_t* __restrict__ shift = k.shift.data();
         for (int64_t r = r0; r < r1; ++r) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) norm.element(r * C + c, mean[c], scale[c], shift[c]);
+          store_converted(norm.y + r * C, C, [&](int64_t c) { return norm.value(r * C + c, mean[c], scale[c], shift[c]); });
         }
       });
 }

@@ -25,19 +25,22 @@ struct Normalizer {
         y(output.mutable_data_ptr<scalar_t>()),
         slope(static_cast<opmath_t>(in.negative_slope)) {}
 
-  void element(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift) const {
+  opmath_t value(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift) const {
     opmath_t pre = (to_opmath(x[i]) - mean) * scale + shift;
     if constexpr (kResidual) pre += to_opmath(z[i]);
-    y[i] = from_opmath<scalar_t>(activate<A>(pre, slope));
+    return activate<A>(pre, slope);
+  }
+
+  // y[begin + j] for j in [0, n), with one channel's coefficients.
+  void run(int64_t begin, int64_t n, opmath_t mean, opmath_t scale, opmath_t shift) const {
+    store_converted(y + begin, n, [&](int64_t j) { return value(begin + j, mean, scale, shift); });
   }
 
   // The spans of one planar work item, all of channel it.channel.
   void span_item(const Layout& l, const SpanItem& it, opmath_t mean, opmath_t scale, opmath_t shift) const {
     const int64_t len = it.inner_end - it.inner_begin;
     for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
-      const int64_t off = span_offset(l, o, it.channel, it.inner_begin);
-#pragma omp simd
-      for (int64_t j = off; j < off + len; ++j) element(j, mean, scale, shift);
+      run(span_offset(l, o, it.channel, it.inner_begin), len, mean, scale, shift);
     }
   }
 };
