@@ -44,13 +44,15 @@ struct PlanarItems {
   }
 
   SpanItem item(int64_t channel, int64_t k) const {
-    if (pieces_per_span > 1) {
-      const int64_t o = k / pieces_per_span, piece = k % pieces_per_span;
-      const int64_t piece_len = (layout.inner + pieces_per_span - 1) / pieces_per_span;
-      return {channel, o, o + 1, piece * piece_len, std::min(layout.inner, (piece + 1) * piece_len)};
-    }
+    if (pieces_per_span > 1) return piece(k / pieces_per_span, channel, k % pieces_per_span);
     const int64_t o = k * spans_per_item;
     return {channel, o, std::min(layout.outer, o + spans_per_item), 0, layout.inner};
+  }
+
+  // Piece p of span (o, c); the whole span when pieces_per_span == 1.
+  SpanItem piece(int64_t o, int64_t channel, int64_t p) const {
+    const int64_t piece_len = (layout.inner + pieces_per_span - 1) / pieces_per_span;
+    return {channel, o, o + 1, p * piece_len, std::min(layout.inner, (p + 1) * piece_len)};
   }
 
   int64_t item_elems() const {
@@ -153,12 +155,12 @@ template <typename SpanFn, typename RowsFn>
 void for_each_item(const Layout& l, const SpanFn& span_fn, const RowsFn& rows_fn) {
   if (l.numel() == 0) return;
   if (l.inner > 1) {
-    const int64_t pieces = std::max<int64_t>(1, (l.inner + kItemElems - 1) / kItemElems);
-    const int64_t piece_len = (l.inner + pieces - 1) / pieces;
-    at::parallel_for(0, l.outer * l.channels * pieces, grain_items(piece_len), [&](int64_t begin, int64_t end) {
+    const PlanarItems items(l);
+    const int64_t pieces = items.pieces_per_span;
+    at::parallel_for(0, l.outer * l.channels * pieces, grain_items(l.inner / pieces), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t span = i / pieces, piece = i % pieces, o = span / l.channels;
-        span_fn(SpanItem{span % l.channels, o, o + 1, piece * piece_len, std::min(l.inner, (piece + 1) * piece_len)});
+        const int64_t span = i / pieces;
+        span_fn(items.piece(span / l.channels, span % l.channels, i % pieces));
       }
     });
   } else {
