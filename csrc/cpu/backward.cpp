@@ -54,19 +54,15 @@ struct MaskedGrad {
 template <typename scalar_t, Activation A, bool kResidual, typename opmath_t = at::opmath_type<scalar_t>>
 SumPair reduce_span_item(const MaskedGrad<scalar_t, A, kResidual>& grad, const Layout& l, const SpanItem& it,
                          opmath_t mean, opmath_t scale, opmath_t shift) {
-  const int64_t len = it.inner_end - it.inner_begin;
-  SumPair acc{0, 0};
-  for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
-    const int64_t off = span_offset(l, o, it.channel, it.inner_begin);
-    const auto [s1, s2] = simd_sum2<opmath_t>(len, [=](int64_t j) {
-      const opmath_t xmu = grad.xmu(off + j, mean);
-      const opmath_t g = grad(off + j, xmu, scale, shift);
-      return std::pair<opmath_t, opmath_t>(g, g * xmu);
-    });
-    acc.sum_dy += s1;
-    acc.sum_dy_xmu += s2;
-  }
-  return acc;
+  const auto [sum_dy, sum_dy_xmu] = sums_over_spans<opmath_t>(
+      it.outer_begin, it.outer_end, it.inner_end - it.inner_begin,
+      [l, it](int64_t o) { return span_offset(l, o, it.channel, it.inner_begin); },
+      [grad, mean, scale, shift](int64_t i) {
+        const opmath_t xmu = grad.xmu(i, mean);
+        const opmath_t g = grad(i, xmu, scale, shift);
+        return std::pair<opmath_t, opmath_t>(g, g * xmu);
+      });
+  return {sum_dy, sum_dy_xmu};
 }
 
 SumPair add(const SumPair& a, const SumPair& b) { return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu}; }

@@ -29,11 +29,6 @@ struct NormCoefs {
   }
 };
 
-// Offset of the first element of span (o, c) from position `inner_begin`.
-inline int64_t span_offset(const Layout& l, int64_t o, int64_t c, int64_t inner_begin) {
-  return (o * l.channels + c) * l.inner + inner_begin;
-}
-
 // Calls f.template operator()<scalar_t, A, kResidual>() for the input's dtype, the activation and whether
 // a residual is present: each combination is its own specialisation of the elementwise loops.
 template <typename F>

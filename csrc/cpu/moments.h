@@ -25,24 +25,15 @@ template <typename scalar_t>
 Stats span_item_moments(const scalar_t* x, const Layout& l, const SpanItem& it) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t len = it.inner_end - it.inner_begin;
-  auto span = [&](int64_t o) { return x + (o * l.channels + it.channel) * l.inner + it.inner_begin; };
-  opmath_t sum = 0;
-  for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
-    const scalar_t* xs = span(o);
-    sum += simd_sum<opmath_t>(len, [&](int64_t i) { return to_opmath(xs[i]); });
-  }
+  const auto offset = [l, it](int64_t o) { return span_offset(l, o, it.channel, it.inner_begin); };
+  const double sum = sums_over_spans<opmath_t>(it.outer_begin, it.outer_end, len, offset,
+                                               [x](int64_t i) { return to_opmath(x[i]); });
   const double n = static_cast<double>((it.outer_end - it.outer_begin) * len);
-  const opmath_t shift = static_cast<opmath_t>(static_cast<double>(sum) / n);
-  double sum_d = 0, sum_d2 = 0;
-  for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
-    const scalar_t* xs = span(o);
-    const auto [d1, d2] = simd_sum2<opmath_t>(len, [&](int64_t i) {
-      const opmath_t d = to_opmath(xs[i]) - shift;
-      return std::pair<opmath_t, opmath_t>(d, d * d);
-    });
-    sum_d += d1;
-    sum_d2 += d2;
-  }
+  const opmath_t shift = static_cast<opmath_t>(sum / n);
+  const auto [sum_d, sum_d2] = sums_over_spans<opmath_t>(it.outer_begin, it.outer_end, len, offset, [x, shift](int64_t i) {
+    const opmath_t d = to_opmath(x[i]) - shift;
+    return std::pair<opmath_t, opmath_t>(d, d * d);
+  });
   return moments_from_deviations(n, static_cast<double>(shift) + sum_d / n, sum_d, sum_d2);
 }
 

@@ -30,6 +30,11 @@ struct SpanItem {
   int64_t inner_begin, inner_end;  // positions within each span
 };
 
+// Offset of the first element of span (o, c) from position `inner_begin`.
+inline int64_t span_offset(const Layout& l, int64_t o, int64_t c, int64_t inner_begin) {
+  return (o * l.channels + c) * l.inner + inner_begin;
+}
+
 struct PlanarItems {
   Layout layout;
   int64_t pieces_per_span;  // > 1 when one span is longer than an item
