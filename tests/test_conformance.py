@@ -94,9 +94,11 @@ def test_non_contiguous_inputs(view):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
-def test_half_precision_input_with_float32_parameters(dtype, memory_format):
+# (3, 5, 70, 61): spans of 4270 values, split into two pieces each, and a 16-bit conversion buffer (512 values)
+# filled across rows and channels.
+@pytest.mark.parametrize("shape", [(4, 6, 7, 9), (3, 5, 70, 61)], ids=str)
+def test_half_precision_input_with_float32_parameters(dtype, memory_format, shape):
     # nn's mixed-precision path: low-precision input, float32 parameters and running statistics.
-    shape = (4, 6, 7, 9)
     ref, fused = module_pair(shape[1], dtype=torch.float32)
     for _ in range(2):
         x = random_input(shape, dtype, memory_format)

@@ -89,13 +89,15 @@ struct GradWriter {
     if constexpr (kWriteDz) dz[i] = from_opmath<scalar_t>(g);
   }
 
+  void span(int64_t begin, int64_t len, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1, opmath_t c2) const {
+#pragma omp simd
+    for (int64_t j = begin; j < begin + len; ++j) element(j, mean, scale, shift, c1, c2);
+  }
+
   void span_item(const Layout& l, const SpanItem& it, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1,
                  opmath_t c2) const {
-    const int64_t len = it.inner_end - it.inner_begin;
     for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
-      const int64_t off = span_offset(l, o, it.channel, it.inner_begin);
-#pragma omp simd
-      for (int64_t j = off; j < off + len; ++j) element(j, mean, scale, shift, c1, c2);
+      span(span_offset(l, o, it.channel, it.inner_begin), it.inner_end - it.inner_begin, mean, scale, shift, c1, c2);
     }
   }
 };
@@ -171,9 +173,12 @@ void backward_elemt_typed(const NormInputs& in, const at::Tensor& grad_output, c
   const GradWriter<scalar_t, A, kResidual> writer(in, grad_output, grad_input, grad_residual);
   for_each_item(
       l,
-      [&](const SpanItem& it) {
-        const int64_t c = it.channel;
-        writer.span_item(l, it, k.mean[c], k.scale[c], k.shift[c], c1[c], c2[c]);
+      [&](const SpanRun& run) {
+        const int64_t len = run.inner_end - run.inner_begin;
+        const int64_t begin = span_offset(l, run.outer, run.channel_begin, run.inner_begin);
+        for (int64_t c = run.channel_begin; c < run.channel_end; ++c) {
+          writer.span(begin + (c - run.channel_begin) * len, len, k.mean[c], k.scale[c], k.shift[c], c1[c], c2[c]);
+        }
       },
       [&](int64_t r0, int64_t r1) {
         const opmath_t* __restrict__ mean = k.mean.data();

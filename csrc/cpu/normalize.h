@@ -30,28 +30,50 @@ struct Normalizer {
         y(output.mutable_data_ptr<scalar_t>()),
         slope(static_cast<opmath_t>(in.negative_slope)) {}
 
+  static constexpr bool kFusedMultiplyAdd = sizeof(scalar_t) == 2;
+
   opmath_t value(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift) const {
-    opmath_t pre;
-    if constexpr (sizeof(scalar_t) == 2) {
-      pre = std::fma(to_opmath(x[i]), scale, shift - mean * scale);
+    if constexpr (kFusedMultiplyAdd) {
+      return value_fma(i, scale, fma_offset(mean, scale, shift));
     } else {
-      pre = (to_opmath(x[i]) - mean) * scale + shift;
+      return finish(i, (to_opmath(x[i]) - mean) * scale + shift);
     }
+  }
+
+  // The 16-bit form: pre-activation fma(x, scale, offset) with offset = fma_offset(mean, scale, shift).
+  static opmath_t fma_offset(opmath_t mean, opmath_t scale, opmath_t shift) { return shift - mean * scale; }
+  opmath_t value_fma(int64_t i, opmath_t scale, opmath_t offset) const {
+    return finish(i, std::fma(to_opmath(x[i]), scale, offset));
+  }
+
+  opmath_t finish(int64_t i, opmath_t pre) const {
     if constexpr (kResidual) pre += to_opmath(z[i]);
     return activate<A>(pre, slope);
   }
 
-  // y[begin + j] for j in [0, n), with one channel's coefficients.
-  void run(int64_t begin, int64_t n, opmath_t mean, opmath_t scale, opmath_t shift) const {
-    store_converted(y + begin, n, [&](int64_t j) { return value(begin + j, mean, scale, shift); });
+  // The output of element begin + j as a function of j, for one channel's coefficients.
+  auto channel_fn(int64_t begin, opmath_t mean, opmath_t scale, opmath_t shift) const {
+    return [*this, begin, mean, scale, shift](int64_t j) { return value(begin + j, mean, scale, shift); };
   }
 
-  // The spans of one planar work item, all of channel it.channel.
+  // The spans of one planar work item, all of channel it.channel (C·inner elements apart).
   void span_item(const Layout& l, const SpanItem& it, opmath_t mean, opmath_t scale, opmath_t shift) const {
     const int64_t len = it.inner_end - it.inner_begin;
     for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
-      run(span_offset(l, o, it.channel, it.inner_begin), len, mean, scale, shift);
+      const int64_t begin = span_offset(l, o, it.channel, it.inner_begin);
+      store_converted_blocks(y + begin, 1, len, [&](int64_t) { return channel_fn(begin, mean, scale, shift); });
     }
+  }
+
+  // The contiguous spans of a run of channels, with per-channel coefficients.
+  void span_run(const Layout& l, const SpanRun& run, const opmath_t* mean, const opmath_t* scale,
+                const opmath_t* shift) const {
+    const int64_t len = run.inner_end - run.inner_begin;
+    const int64_t begin = span_offset(l, run.outer, run.channel_begin, run.inner_begin);
+    store_converted_blocks(y + begin, run.channel_end - run.channel_begin, len, [&](int64_t b) {
+      const int64_t c = run.channel_begin + b;
+      return channel_fn(begin + b * len, mean[c], scale[c], shift[c]);
+    });
   }
 };
 

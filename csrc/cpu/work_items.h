@@ -30,6 +30,14 @@ struct SpanItem {
   int64_t inner_begin, inner_end;  // positions within each span
 };
 
+// The spans (or pieces of one span) of consecutive channels at one outer index o, from position inner_begin to
+// inner_end of each: contiguous in memory, since either the run has one channel or its spans are whole.
+struct SpanRun {
+  int64_t outer;
+  int64_t channel_begin, channel_end;
+  int64_t inner_begin, inner_end;
+};
+
 // Offset of the first element of span (o, c) from position `inner_begin`.
 inline int64_t span_offset(const Layout& l, int64_t o, int64_t c, int64_t inner_begin) {
   return (o * l.channels + c) * l.inner + inner_begin;
@@ -40,12 +48,22 @@ struct PlanarItems {
   int64_t pieces_per_span;  // > 1 when one span is longer than an item
   int64_t spans_per_item;   // > 1 when several spans fit in one item
   int64_t per_channel;      // items per channel
+  int64_t piece_len;        // positions per piece (the last piece of a span may be shorter)
 
   explicit PlanarItems(Layout l) : layout(l) {
     pieces_per_span = std::max<int64_t>(1, (l.inner + kItemElems - 1) / kItemElems);
-    spans_per_item = pieces_per_span > 1 ? 1 : std::max<int64_t>(1, kItemElems / std::max<int64_t>(l.inner, 1));
-    per_channel = pieces_per_span > 1 ? l.outer * pieces_per_span
-                                      : (l.outer + spans_per_item - 1) / spans_per_item;
+    if (pieces_per_span > 1) {
+      spans_per_item = 1;
+      per_channel = l.outer * pieces_per_span;
+    } else {
+      // As many spans as fit in kItemElems, spread evenly over the items: reductions hand out items in memory
+      // order (item k of every channel, then item k + 1), so items of unequal size would load one thread more.
+      const int64_t most = std::max<int64_t>(1, kItemElems / std::max<int64_t>(l.inner, 1));
+      per_channel = (l.outer + most - 1) / most;
+      spans_per_item = (l.outer + per_channel - 1) / per_channel;
+      per_channel = (l.outer + spans_per_item - 1) / spans_per_item;
+    }
+    piece_len = (l.inner + pieces_per_span - 1) / pieces_per_span;
   }
 
   SpanItem item(int64_t channel, int64_t k) const {
@@ -56,14 +74,10 @@ struct PlanarItems {
 
   // Piece p of span (o, c); the whole span when pieces_per_span == 1.
   SpanItem piece(int64_t o, int64_t channel, int64_t p) const {
-    const int64_t piece_len = (layout.inner + pieces_per_span - 1) / pieces_per_span;
     return {channel, o, o + 1, p * piece_len, std::min(layout.inner, (p + 1) * piece_len)};
   }
 
-  int64_t item_elems() const {
-    return pieces_per_span > 1 ? (layout.inner + pieces_per_span - 1) / pieces_per_span
-                               : spans_per_item * layout.inner;
-  }
+  int64_t item_elems() const { return pieces_per_span > 1 ? piece_len : spans_per_item * layout.inner; }
 };
 
 // Interleaved layouts (inner == 1): an item is a block of rows holding every channel.
@@ -121,9 +135,14 @@ std::vector<Partial> reduce_per_channel(const Layout& l, Partial zero, const Spa
     const PlanarItems items(l);
     per_channel = items.per_channel;
     partials.assign(C * per_channel, zero);
+    // In memory order: for each outer index, every channel's item (or each piece of its span in turn). Channel
+    // by channel, the reads jumped C·inner elements from one item to the next (statistics of bfloat16
+    // (32, 64, 56, 56) 11–18 % slower).
+    const int64_t pieces = items.pieces_per_span;
     at::parallel_for(0, C * per_channel, grain_items(items.item_elems()), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        partials[i] = span_fn(items.item(i / per_channel, i % per_channel));
+        const int64_t c = (i / pieces) % C, k = i / (C * pieces) * pieces + i % pieces;
+        partials[c * per_channel + k] = span_fn(items.item(c, k));
       }
     });
   } else {
@@ -152,20 +171,28 @@ std::vector<Partial> reduce_per_channel(const Layout& l, Partial zero, const Spa
   return result;
 }
 
-// Elementwise pass. span_fn(const SpanItem&) for planar layouts; rows_fn(row_begin, row_end) for
-// interleaved ones. Planar spans are visited in memory order (consecutive channels of one outer index, then the
-// next), not channel by channel: a channel's spans lie C·inner elements apart, and walking them in that order
-// costs a TLB miss per span when spans are short. Elementwise results do not depend on the order.
-template <typename SpanFn, typename RowsFn>
-void for_each_item(const Layout& l, const SpanFn& span_fn, const RowsFn& rows_fn) {
+// Elementwise pass. run_fn(const SpanRun&) for planar layouts; rows_fn(row_begin, row_end) for interleaved ones.
+// Planar spans are visited in memory order (consecutive channels of one outer index, then the next), not channel
+// by channel: a channel's spans lie C·inner elements apart, and walking them in that order costs a TLB miss per
+// span when spans are short. Elementwise results do not depend on the order.
+template <typename RunFn, typename RowsFn>
+void for_each_item(const Layout& l, const RunFn& run_fn, const RowsFn& rows_fn) {
   if (l.numel() == 0) return;
   if (l.inner > 1) {
     const PlanarItems items(l);
-    const int64_t pieces = items.pieces_per_span;
-    at::parallel_for(0, l.outer * l.channels * pieces, grain_items(l.inner / pieces), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t span = i / pieces;
-        span_fn(items.piece(span / l.channels, span % l.channels, i % pieces));
+    const int64_t pieces = items.pieces_per_span, C = l.channels;
+    at::parallel_for(0, l.outer * C * pieces, grain_items(items.piece_len), [&](int64_t begin, int64_t end) {
+      if (pieces == 1) {  // whole spans: runs of channels, up to the end of an outer index
+        for (int64_t i = begin; i < end;) {
+          const int64_t o = i / C, c = i % C, n = std::min(end - i, C - c);
+          run_fn(SpanRun{o, c, c + n, 0, l.inner});
+          i += n;
+        }
+      } else {
+        for (int64_t i = begin; i < end; ++i) {
+          const SpanItem it = items.piece(i / pieces / C, i / pieces % C, i % pieces);
+          run_fn(SpanRun{it.outer_begin, it.channel, it.channel + 1, it.inner_begin, it.inner_end});
+        }
       }
     });
   } else {
