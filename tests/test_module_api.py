@@ -68,6 +68,24 @@ def test_deepcopy_and_pickle_roundtrip(tmp_path):
     assert loaded.activation == "relu" and loaded.small_batch == "blend"
 
 
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_parametrized_weight_is_used(training):
+    # The module reads its parameters from nn.Module's dicts on the fast path; a parametrization moves the weight
+    # out of them (into module.parametrizations) and must still be honoured, with its gradient.
+    ref, fused = module_pair(3)
+    for m in (ref, fused):
+        nn.utils.parametrize.register_parametrization(m, "weight", _Doubled())
+        m.train(training)
+    step_both(ref, fused, random_input((4, 3, 5, 5)), torch.randn(4, 3, 5, 5, dtype=torch.float64),
+              **TOL[torch.float64])
+    assert fused.parametrizations.weight.original.grad is not None
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)], ids=str)
 @pytest.mark.parametrize("training", [True, False])
 def test_empty_batch_behaves_as_nn(shape, training):
