@@ -174,10 +174,9 @@ void backward_elemt_typed(const NormInputs& in, const at::Tensor& grad_output, c
   for_each_item(
       l,
       [&](const SpanRun& run) {
-        const int64_t len = run.inner_end - run.inner_begin;
-        const int64_t begin = span_offset(l, run.outer, run.channel_begin, run.inner_begin);
         for (int64_t c = run.channel_begin; c < run.channel_end; ++c) {
-          writer.span(begin + (c - run.channel_begin) * len, len, k.mean[c], k.scale[c], k.shift[c], c1[c], c2[c]);
+          writer.span(span_offset(l, run.outer, c, run.inner_begin), run.inner_end - run.inner_begin, k.mean[c],
+                      k.scale[c], k.shift[c], c1[c], c2[c]);
         }
       },
       [&](int64_t r0, int64_t r1) {
