@@ -34,11 +34,12 @@ def extension():
     # several versions of a loop (vector body, scalar peel and tail, alias-checked fallbacks) and contracted
     # a·b + c into FMA in some but not others, so which version ran (thread context, row offsets) changed the
     # last bit; without contraction every version rounds alike and results are bitwise reproducible.
-    cxx = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"] + cpu_flags()
+    # C++20 named explicitly: torch before 2.13 would otherwise compile extensions as C++17.
+    cxx = ["-std=c++20", "-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"] + cpu_flags()
     if not build_cuda():
         return CppExtension("fusedbn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
-    nvcc = ["-O3", "-g0", "--use_fast_math", "-DWITH_CUDA"]
+    nvcc = ["-std=c++20", "-O3", "--use_fast_math", "-DWITH_CUDA"]
     return CUDAExtension(
         "fusedbn._C",
         sources,

@@ -18,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusedbn  # noqa: E402
 
 SHAPES = [(64, 64, 112, 112), (64, 256, 56, 56), (64, 512, 28, 28), (64, 1024, 14, 14), (64, 2048, 7, 7)]
+# torch.compile takes tens of seconds per shape, dtype and format: it is timed on these shapes only.
+COMPILE_SHAPES = [(64, 256, 56, 56)]
 
 
 def cuda_time(fn, repeats):
@@ -34,13 +36,41 @@ def cuda_time(fn, repeats):
     return statistics.median(times)
 
 
+def profile_kernels(path, shape=(64, 256, 56, 56)):
+    """Per-kernel CUDA time of a fusedbn and an nn BN+ReLU training step (forward + backward), 10 steps each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with open(path, "w") as f:
+        for dtype in (torch.float32, torch.bfloat16):
+            for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+                x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt).requires_grad_()
+                g = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+                for name, m in (("fusedbn", fusedbn.FusedBatchNorm2d(shape[1], activation="relu")),
+                                ("nn", nn.Sequential(nn.BatchNorm2d(shape[1]), nn.ReLU()))):
+                    m = m.cuda()
+                    for _ in range(3):
+                        m(x).backward(g)
+                    torch.cuda.synchronize()
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(10):
+                            m(x).backward(g)
+                        torch.cuda.synchronize()
+                    f.write(f"## {name} {str(dtype)[6:]} {shape} {fmt_name} (10 steps)\n")
+                    f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=12) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default=None)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", default=None, help="write per-kernel CUDA times of one shape to this file")
     args = p.parse_args()
     dev = torch.device("cuda")
+    if args.profile:
+        profile_kernels(args.profile)
+    # One compiled module per case: without this, dynamo falls back to eager after 8 recompilations.
+    torch._dynamo.config.cache_size_limit = 64
     lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}. Median of {args.repeats} runs "
              "(CUDA events). bw = bytes that must move / time, as a fraction of a device copy.", "",
              "| dtype | shape | format | copy GB/s | fwd fusedbn ms (bw) | fwd nn ms | bwd fusedbn ms (bw) | "
@@ -70,7 +100,7 @@ def main():
                 t_step = cuda_time(lambda: step(fbr), args.repeats)
                 t_step_nn = cuda_time(lambda: step(refr), args.repeats)
                 t_step_c = float("nan")
-                if not args.no_compile:
+                if not args.no_compile and shape in COMPILE_SHAPES:
                     compiled = torch.compile(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()).to(dev))
                     t_step_c = cuda_time(lambda: step(compiled), args.repeats)
                 bw_f = 3 * nbytes / t_fwd / copy_bw

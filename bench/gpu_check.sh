@@ -14,8 +14,8 @@ start=$(date +%s)
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 
 step "environment"
-{ $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; nvidia-smi -L; } \
-  | tee "$OUT/env.txt"
+{ $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; nvidia-smi -L
+  "$CUDA_HOME/bin/nvcc" --version | tail -2; c++ --version | head -1; } 2>&1 | tee "$OUT/env.txt"
 
 step "build"
 if ! timeout 300 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
@@ -24,16 +24,18 @@ fi
 $PY -c "import fusedbn; assert fusedbn.cuda_available(), 'built without CUDA kernels'; print('cuda kernels: ok')"
 
 step "CUDA tests"
-timeout 150 $PY -m pytest -q -rs -x tests/test_cuda.py tests/test_integration.py -k "cuda" 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout 180 $PY -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_integration.py -k "cuda" 2>&1 \
+  | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" | tail -40
 
 step "compute-sanitizer"
 SAN=$CUDA_HOME/bin/compute-sanitizer
-for tool in memcheck racecheck; do
-  timeout 90 "$SAN" --tool "$tool" --error-exitcode 3 $PY bench/sanitize_case.py > "$OUT/$tool.log" 2>&1
+for tool in memcheck racecheck; do  # no caching allocator: an access past a tensor's end is then an error
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 75 "$SAN" --tool "$tool" --error-exitcode 3 $PY bench/sanitize_case.py > "$OUT/$tool.log" 2>&1
   echo "$tool: exit $? ($(grep -c 'ERROR SUMMARY' "$OUT/$tool.log") summaries: $(grep 'ERROR SUMMARY' "$OUT/$tool.log" | tail -1))"
 done
 
 step "GPU benchmark"
-timeout 200 $PY bench/bench_gpu.py --out "$OUT/gpu_results.md" > "$OUT/bench.log" 2>&1 || tail -30 "$OUT/bench.log"
+timeout 200 $PY bench/bench_gpu.py --out "$OUT/gpu_results.md" --profile "$OUT/profile.txt" > "$OUT/bench.log" 2>&1 \
+  || tail -30 "$OUT/bench.log"
 step "done"
 cat "$OUT/gpu_results.md" 2>/dev/null

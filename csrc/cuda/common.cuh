@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <numeric>
 #include <type_traits>
 
 #include "../common/kernel_args.h"
@@ -115,6 +116,50 @@ int vector_width(const Layout& l, std::initializer_list<const void*> pointers) {
     if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
   }
   return vec;
+}
+
+// The channel of each vector a grid-stride loop visits, tracked without a division per step. The vectors of
+// a span share a channel (NCHW: `inner / VEC` vectors per span; channels_last: a span is one vector of VEC
+// channels), and each span moves `channel_step` channels on, wrapping at C.
+struct ChannelWalk {
+  int64_t span, channels, channel_step;
+  int64_t stride_pos, stride_channel;  // what one grid stride adds: stride % span, and the channels of stride / span
+
+  struct Position {
+    int64_t pos;  // vector within its span
+    int64_t channel;
+  };
+
+  // VEC elements per vector; `stride` vectors per grid step (blocks · threads).
+  static ChannelWalk make(const Layout& l, int vec, int64_t stride) {
+    const bool planar = l.inner > 1;
+    const int64_t span = planar ? l.inner / vec : 1, step = planar ? 1 : vec;
+    return {span, l.channels, step, stride % span, (stride / span % l.channels) * step % l.channels};
+  }
+  // Every step lands in the same channel: the stride is a whole number of channel periods.
+  __host__ __device__ bool fixed() const { return stride_pos == 0 && stride_channel == 0; }
+  __device__ Position start(int64_t v) const { return {v % span, v / span % channels * channel_step % channels}; }
+  // stride_channel + channel_step < 2C, so two subtractions bring the channel back into [0, C).
+  __device__ void advance(Position& p) const {
+    p.pos += stride_pos;
+    p.channel += stride_channel;
+    if (p.pos >= span) {
+      p.pos -= span;
+      p.channel += channel_step;
+    }
+    if (p.channel >= channels) p.channel -= channels;
+    if (p.channel >= channels) p.channel -= channels;
+  }
+};
+
+// Blocks for an elementwise pass over `l` in vectors of `vec` elements: grid_size's, lowered to a whole number
+// of channel periods where that leaves at least one, so that every thread stays in one channel.
+inline int64_t walk_grid_size(const Layout& l, int vec, int device) {
+  const int64_t blocks = grid_size(l.numel() / vec, device);
+  // Vectors after which the sequence of channels repeats.
+  const int64_t period = l.inner > 1 ? l.inner / vec * l.channels : l.channels / std::gcd<int64_t>(l.channels, vec);
+  const int64_t blocks_per_period = period / std::gcd<int64_t>(period, kThreads);
+  return blocks_per_period <= blocks ? blocks / blocks_per_period * blocks_per_period : blocks;
 }
 
 // Per-channel vectors as contiguous tensors of the accumulation dtype (a no-op when they already are).

@@ -19,35 +19,55 @@ struct ChannelParams {
   A inv_count;
   A slope;
 
-  __device__ A scale(int64_t c) const { return invstd[c] * (weight ? weight[c] : A(1)); }
-  __device__ A shift(int64_t c) const { return bias ? bias[c] : A(0); }
+  // What one channel's elements need (c1 and c2 only in the backward pass, 0 in eval mode).
+  struct Channel {
+    A mean, scale, shift, c1, c2;
+  };
+  template <bool kBackward>
+  __device__ Channel channel(int64_t c) const {
+    Channel r{mean[c], invstd[c] * (weight ? weight[c] : A(1)), bias ? bias[c] : A(0), A(0), A(0)};
+    if (kBackward && sum_dy != nullptr) {
+      r.c1 = r.scale * sum_dy[c] * inv_count;
+      r.c2 = r.scale * invstd[c] * invstd[c] * sum_dy_xmu[c] * inv_count;
+    }
+    return r;
+  }
+  // The channels of the VEC elements of a vector whose first element is in channel c0: all c0 when planar
+  // (NCHW), else c0, c0 + 1, … (channels_last).
+  template <bool kBackward, int VEC>
+  __device__ void load(Channel (&ch)[VEC], int64_t c0, bool planar) const {
+    if (planar) {
+      const Channel c = channel<kBackward>(c0);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ch[k] = c;
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ch[k] = channel<kBackward>(c0 + k);
+    }
+  }
 };
 
-// Channel of element k of a vector starting at flat index i (c0 = channel of i).
-__device__ __forceinline__ int64_t channel_at(const Layout& l, int64_t c0, int k) {
-  return l.inner > 1 ? c0 : c0 + k;
-}
-
-__device__ __forceinline__ int64_t first_channel(const Layout& l, int64_t i) {
-  return l.inner > 1 ? (i / l.inner) % l.channels : i % l.channels;
-}
-
+// A thread whose channel never changes (walk.fixed(): the grid stride is a whole number of channel periods)
+// loads its channels' coefficients once; otherwise once per vector.
 template <typename scalar_t, Activation Act, bool kResidual, int VEC>
-__global__ void normalize_kernel(const scalar_t* x, const scalar_t* z, scalar_t* y, Layout l,
+__global__ void normalize_kernel(const scalar_t* x, const scalar_t* z, scalar_t* y, Layout l, ChannelWalk walk,
                                  ChannelParams<acc_t<scalar_t>> p) {
   using A = acc_t<scalar_t>;
-  const int64_t vectors = l.numel() / VEC;
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vectors;
-       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = v * VEC, c0 = first_channel(l, i);
+  const int64_t vectors = l.numel() / VEC, first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool planar = l.inner > 1, fixed = walk.fixed();
+  auto at = walk.start(first);
+  typename ChannelParams<A>::Channel ch[VEC];
+  if (fixed && first < vectors) p.template load<false>(ch, at.channel, planar);
+  for (int64_t v = first; v < vectors; v += static_cast<int64_t>(gridDim.x) * blockDim.x, walk.advance(at)) {
+    if (!fixed) p.template load<false>(ch, at.channel, planar);
+    const int64_t i = v * VEC;
     const auto xv = load_packed<scalar_t, VEC>(x + i);
     Packed<scalar_t, VEC> zv;
     if constexpr (kResidual) zv = load_packed<scalar_t, VEC>(z + i);
     Packed<scalar_t, VEC> out;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const int64_t c = channel_at(l, c0, k);
-      A pre = (static_cast<A>(xv.v[k]) - p.mean[c]) * p.scale(c) + p.shift(c);
+      A pre = (static_cast<A>(xv.v[k]) - ch[k].mean) * ch[k].scale + ch[k].shift;
       if constexpr (kResidual) pre += static_cast<A>(zv.v[k]);
       out.v[k] = static_cast<scalar_t>(activate<Act>(pre, p.slope));
     }
@@ -57,34 +77,32 @@ __global__ void normalize_kernel(const scalar_t* x, const scalar_t* z, scalar_t*
 
 template <typename scalar_t, Activation Act, bool kResidual, int VEC>
 __global__ void backward_elemt_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx,
-                                      scalar_t* dz, Layout l, ChannelParams<acc_t<scalar_t>> p) {
+                                      scalar_t* dz, Layout l, ChannelWalk walk, ChannelParams<acc_t<scalar_t>> p) {
   using A = acc_t<scalar_t>;
   constexpr bool kWriteDz = kResidual && Act != Activation::Identity;
-  const int64_t vectors = l.numel() / VEC;
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vectors;
-       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = v * VEC, c0 = first_channel(l, i);
+  const int64_t vectors = l.numel() / VEC, first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool planar = l.inner > 1, fixed = walk.fixed();
+  auto at = walk.start(first);
+  typename ChannelParams<A>::Channel ch[VEC];
+  if (fixed && first < vectors) p.template load<true>(ch, at.channel, planar);
+  for (int64_t v = first; v < vectors; v += static_cast<int64_t>(gridDim.x) * blockDim.x, walk.advance(at)) {
+    if (!fixed) p.template load<true>(ch, at.channel, planar);
+    const int64_t i = v * VEC;
     const auto xv = load_packed<scalar_t, VEC>(x + i);
     const auto dyv = load_packed<scalar_t, VEC>(dy + i);
     Packed<scalar_t, VEC> zv;
-    if constexpr (kResidual && Act != Activation::Identity) zv = load_packed<scalar_t, VEC>(z + i);
+    if constexpr (kWriteDz) zv = load_packed<scalar_t, VEC>(z + i);
     Packed<scalar_t, VEC> dxv, dzv;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const int64_t c = channel_at(l, c0, k);
-      const A scale = p.scale(c), xmu = static_cast<A>(xv.v[k]) - p.mean[c];
+      const A xmu = static_cast<A>(xv.v[k]) - ch[k].mean;
       A g = static_cast<A>(dyv.v[k]);
       if constexpr (Act != Activation::Identity) {
-        A pre = xmu * scale + p.shift(c);
+        A pre = xmu * ch[k].scale + ch[k].shift;
         if constexpr (kResidual) pre += static_cast<A>(zv.v[k]);
         g *= activation_grad<Act>(pre, p.slope);
       }
-      A grad = g * scale;
-      if (p.sum_dy != nullptr) {
-        const A invstd = p.invstd[c];
-        grad -= scale * p.sum_dy[c] * p.inv_count + xmu * scale * invstd * invstd * p.sum_dy_xmu[c] * p.inv_count;
-      }
-      dxv.v[k] = static_cast<scalar_t>(grad);
+      dxv.v[k] = static_cast<scalar_t>(g * ch[k].scale - ch[k].c1 - xmu * ch[k].c2);
       if constexpr (kWriteDz) dzv.v[k] = static_cast<scalar_t>(g);
     }
     store_packed<scalar_t, VEC>(dx + i, dxv);
@@ -142,11 +160,12 @@ void normalize(const NormInputs& in, at::Tensor& output) {
     using A = acc_t<scalar_t>;
     constexpr int VEC = decltype(vec)::value;
     const AccParams<A> params(in, GradSums{}, c10::CppTypeToScalarType<A>::value);
-    const int64_t blocks = grid_size(in.layout.numel() / VEC, device);
+    const int64_t blocks = walk_grid_size(in.layout, VEC, device);
     normalize_kernel<scalar_t, decltype(act)::value, decltype(residual)::value, VEC><<<blocks, kThreads, 0, stream>>>(
         in.input.const_data_ptr<scalar_t>(),
         decltype(residual)::value ? in.residual.const_data_ptr<scalar_t>() : nullptr,
-        output.mutable_data_ptr<scalar_t>(), in.layout, params.view(1.0, in.negative_slope));
+        output.mutable_data_ptr<scalar_t>(), in.layout, ChannelWalk::make(in.layout, VEC, blocks * kThreads),
+        params.view(1.0, in.negative_slope));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -167,12 +186,12 @@ void backward_elemt(const NormInputs& in, const at::Tensor& grad_output, const G
     constexpr bool kResidual = decltype(residual)::value;
     constexpr bool kWriteDz = kResidual && decltype(act)::value != Activation::Identity;
     const AccParams<A> params(in, sums, c10::CppTypeToScalarType<A>::value);
-    const int64_t blocks = grid_size(in.layout.numel() / VEC, device);
+    const int64_t blocks = walk_grid_size(in.layout, VEC, device);
     backward_elemt_kernel<scalar_t, decltype(act)::value, kResidual, VEC><<<blocks, kThreads, 0, stream>>>(
         grad_output.const_data_ptr<scalar_t>(), in.input.const_data_ptr<scalar_t>(),
         kResidual ? in.residual.const_data_ptr<scalar_t>() : nullptr, grad_input.mutable_data_ptr<scalar_t>(),
         kWriteDz ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr, in.layout,
-        params.view(count, in.negative_slope));
+        ChannelWalk::make(in.layout, VEC, blocks * kThreads), params.view(count, in.negative_slope));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -11,16 +11,20 @@ namespace fusedbn::cuda {
 namespace {
 
 constexpr int kRowsPerBlockY = 8;  // channels_last blocks: 32 channels × 8 rows of threads
+constexpr int kUnroll = 8;         // loads each thread issues before it uses the first
 
-// x → Welford moments.
+// x → Welford moments. Each Element splits its work in load(i) (the memory reads of element i) and add(), so
+// that a thread can have kUnroll loads in flight.
 template <typename scalar_t>
 struct MomentsElement {
   using A = acc_t<scalar_t>;
   using Op = MomentsOp<A>;
+  using Loaded = A;
   const scalar_t* x;
   struct Channel {};
   __device__ Channel channel(int64_t) const { return {}; }
-  __device__ void add(typename Op::State& s, int64_t i, Channel) const { welford_add(s, static_cast<A>(x[i])); }
+  __device__ Loaded load(int64_t i) const { return static_cast<A>(x[i]); }
+  __device__ void add(typename Op::State& s, const Loaded& v, Channel) const { welford_add(s, v); }
 };
 
 // (dy, x [, z]) → (Σg, Σg·(x − mean)) with g = dy·act'(pre) recomputed from x.
@@ -28,6 +32,10 @@ template <typename scalar_t, Activation Act, bool kResidual>
 struct GradSumsElement {
   using A = acc_t<scalar_t>;
   using Op = SumPairOp<A>;
+  static constexpr bool kReadZ = kResidual && Act != Activation::Identity;
+  struct Loaded {
+    A dy, x, z;
+  };
   const scalar_t* dy;
   const scalar_t* x;
   const scalar_t* z;
@@ -42,12 +50,15 @@ struct GradSumsElement {
   __device__ Channel channel(int64_t c) const {
     return {mean[c], invstd[c] * (weight ? weight[c] : A(1)), bias ? bias[c] : A(0)};
   }
-  __device__ void add(typename Op::State& s, int64_t i, const Channel& ch) const {
-    const A xmu = static_cast<A>(x[i]) - ch.mean;
-    A g = static_cast<A>(dy[i]);
+  __device__ Loaded load(int64_t i) const {
+    return {static_cast<A>(dy[i]), static_cast<A>(x[i]), kReadZ ? static_cast<A>(z[i]) : A(0)};
+  }
+  __device__ void add(typename Op::State& s, const Loaded& v, const Channel& ch) const {
+    const A xmu = v.x - ch.mean;
+    A g = v.dy;
     if constexpr (Act != Activation::Identity) {
       A pre = xmu * ch.scale + ch.shift;
-      if constexpr (kResidual) pre += static_cast<A>(z[i]);
+      if constexpr (kResidual) pre += v.z;
       g *= activation_grad<Act>(pre, slope);
     }
     s.sum_dy += g;
@@ -55,24 +66,60 @@ struct GradSumsElement {
   }
 };
 
+// Reads the elements at idx[u] where ok[u] (all loads first, then the adds, so that they overlap in memory).
+template <typename Element, typename Channel>
+__device__ __forceinline__ void add_unrolled(const Element& f, typename Element::Op::State& s,
+                                             const int64_t (&idx)[kUnroll], const bool (&ok)[kUnroll],
+                                             const Channel& ch) {
+  typename Element::Loaded v[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (ok[u]) v[u] = f.load(idx[u]);
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (ok[u]) f.add(s, v[u], ch);
+  }
+}
+
+// NCHW: block (channel c = blockIdx.x, piece blockIdx.y) reduces values [begin, end) of the channel's
+// outer·inner values, value k at (k / inner)·C·inner + c·inner + k % inner. Each thread tracks its k % inner
+// and that address across steps of blockDim.x values, with no division in the loop.
 template <typename Element>
 __global__ void reduce_planar_kernel(Element f, Layout l, int64_t chunk, typename Element::Op::State* partial) {
   using Op = typename Element::Op;
   __shared__ typename Op::State shared[kThreads / kWarpSize];
-  const int64_t c = blockIdx.y;
-  const int64_t total = l.outer * l.inner;
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int64_t c = blockIdx.x;
+  const int64_t total = l.outer * l.inner, plane = l.channels * l.inner;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * chunk;
   const int64_t end = begin + chunk < total ? begin + chunk : total;
+  const int64_t step_j = blockDim.x % l.inner, step_address = blockDim.x / l.inner * plane + step_j;
   const auto ch = f.channel(c);
   typename Op::State s = Op::identity();
-  for (int64_t k = begin + threadIdx.x; k < end; k += blockDim.x) {
-    const int64_t o = k / l.inner;
-    f.add(s, (o * l.channels + c) * l.inner + (k - o * l.inner), ch);
+  int64_t k = begin + threadIdx.x, j = k % l.inner, address = k / l.inner * plane + c * l.inner + j;
+  while (k < end) {
+    int64_t idx[kUnroll];
+    bool ok[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      ok[u] = k < end;
+      idx[u] = address;
+      k += blockDim.x;
+      address += step_address;
+      j += step_j;
+      if (j >= l.inner) {  // into the next outer index
+        j -= l.inner;
+        address += plane - l.inner;
+      }
+    }
+    add_unrolled(f, s, idx, ok, ch);
   }
   s = block_reduce<Op>(s, shared);
-  if (threadIdx.x == 0) partial[c * gridDim.x + blockIdx.x] = s;
+  if (threadIdx.x == 0) partial[c * gridDim.y + blockIdx.y] = s;
 }
 
+// channels_last: block (rows piece blockIdx.x, channels from 32·blockIdx.y) has 32 channels across each warp
+// (coalesced loads) and kRowsPerBlockY rows of threads; partials merged across the rows through shared memory.
 template <typename Element>
 __global__ void reduce_rows_kernel(Element f, Layout l, int64_t rows_per_block,
                                    typename Element::Op::State* partial) {
@@ -84,7 +131,17 @@ __global__ void reduce_rows_kernel(Element f, Layout l, int64_t rows_per_block,
   typename Op::State s = Op::identity();
   if (c < l.channels) {  // C need not be a multiple of 32 (apex issue 1768)
     const auto ch = f.channel(c);
-    for (int64_t r = begin + threadIdx.y; r < end; r += blockDim.y) f.add(s, r * l.channels + c, ch);
+    for (int64_t r = begin + threadIdx.y; r < end; r += kUnroll * blockDim.y) {
+      int64_t idx[kUnroll];
+      bool ok[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t row = r + u * static_cast<int64_t>(blockDim.y);
+        ok[u] = row < end;
+        idx[u] = row * l.channels + c;
+      }
+      add_unrolled(f, s, idx, ok, ch);
+    }
   }
   shared[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
@@ -140,7 +197,7 @@ void reduce_per_channel(const at::Tensor& input, const Layout& l, const Element&
     blocks = std::max<int64_t>(1, std::min((total + kThreads * 16 - 1) / (kThreads * 16), (fill + l.channels - 1) / l.channels));
     const int64_t chunk = (total + blocks - 1) / blocks;
     workspace = input.new_empty({l.channels * blocks * static_cast<int64_t>(sizeof(State))}, input.options().dtype(at::kByte));
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(l.channels));
+    const dim3 grid(static_cast<unsigned>(l.channels), static_cast<unsigned>(blocks));
     reduce_planar_kernel<<<grid, kThreads, 0, stream>>>(f, l, chunk, reinterpret_cast<State*>(workspace.data_ptr()));
   } else {
     const int64_t channel_blocks = (l.channels + kWarpSize - 1) / kWarpSize;
