@@ -1,7 +1,8 @@
 // Per-channel reductions on the GPU: batch moments (Welford per thread, Chan merge across the warp by shuffles,
 // across warps through shared memory, and across blocks in a second kernel) and the backward sums.
-// One kernel per layout: NCHW reads each channel's spans; channels_last puts 32 consecutive channels across a
-// warp so that every load is coalesced.
+// One kernel per layout: NCHW reads each channel's spans; channels_last gives each thread VEC consecutive
+// channels and puts consecutive groups across a warp, so that every load is coalesced. 16-byte loads where the
+// spans (NCHW) or rows (channels_last) and the pointers allow.
 #include <algorithm>
 
 #include "common.cuh"
@@ -10,21 +11,30 @@
 namespace fusedbn::cuda {
 namespace {
 
-constexpr int kRowsPerBlockY = 8;  // channels_last blocks: 32 channels × 8 rows of threads
-constexpr int kUnroll = 8;         // loads each thread issues before it uses the first
+constexpr int kUnroll = 4;  // vector loads each thread issues before it uses the first
 
-// x → Welford moments. Each Element splits its work in load(i) (the memory reads of element i) and add(), so
-// that a thread can have kUnroll loads in flight.
+// x → Welford moments. An Element loads VEC consecutive elements of one position (load) and adds element k of
+// them to a thread's state (add), so that a thread can keep kUnroll loads in flight.
 template <typename scalar_t>
 struct MomentsElement {
   using A = acc_t<scalar_t>;
   using Op = MomentsOp<A>;
-  using Loaded = A;
+  using scalar_type = scalar_t;
+  template <int VEC>
+  struct Loaded {
+    Packed<scalar_t, VEC> x;
+  };
   const scalar_t* x;
   struct Channel {};
   __device__ Channel channel(int64_t) const { return {}; }
-  __device__ Loaded load(int64_t i) const { return static_cast<A>(x[i]); }
-  __device__ void add(typename Op::State& s, const Loaded& v, Channel) const { welford_add(s, v); }
+  template <int VEC>
+  __device__ Loaded<VEC> load(int64_t i) const {
+    return {load_packed<scalar_t, VEC>(x + i)};
+  }
+  template <int VEC>
+  __device__ void add(typename Op::State& s, const Loaded<VEC>& v, int k, Channel) const {
+    welford_add(s, static_cast<A>(v.x.v[k]));
+  }
 };
 
 // (dy, x [, z]) → (Σg, Σg·(x − mean)) with g = dy·act'(pre) recomputed from x.
@@ -32,9 +42,11 @@ template <typename scalar_t, Activation Act, bool kResidual>
 struct GradSumsElement {
   using A = acc_t<scalar_t>;
   using Op = SumPairOp<A>;
+  using scalar_type = scalar_t;
   static constexpr bool kReadZ = kResidual && Act != Activation::Identity;
+  template <int VEC>
   struct Loaded {
-    A dy, x, z;
+    Packed<scalar_t, VEC> dy, x, z;
   };
   const scalar_t* dy;
   const scalar_t* x;
@@ -50,15 +62,21 @@ struct GradSumsElement {
   __device__ Channel channel(int64_t c) const {
     return {mean[c], invstd[c] * (weight ? weight[c] : A(1)), bias ? bias[c] : A(0)};
   }
-  __device__ Loaded load(int64_t i) const {
-    return {static_cast<A>(dy[i]), static_cast<A>(x[i]), kReadZ ? static_cast<A>(z[i]) : A(0)};
+  template <int VEC>
+  __device__ Loaded<VEC> load(int64_t i) const {
+    Loaded<VEC> r;
+    r.dy = load_packed<scalar_t, VEC>(dy + i);
+    r.x = load_packed<scalar_t, VEC>(x + i);
+    if constexpr (kReadZ) r.z = load_packed<scalar_t, VEC>(z + i);
+    return r;
   }
-  __device__ void add(typename Op::State& s, const Loaded& v, const Channel& ch) const {
-    const A xmu = v.x - ch.mean;
-    A g = v.dy;
+  template <int VEC>
+  __device__ void add(typename Op::State& s, const Loaded<VEC>& v, int k, const Channel& ch) const {
+    const A xmu = static_cast<A>(v.x.v[k]) - ch.mean;
+    A g = static_cast<A>(v.dy.v[k]);
     if constexpr (Act != Activation::Identity) {
       A pre = xmu * ch.scale + ch.shift;
-      if constexpr (kResidual) pre += v.z;
+      if constexpr (kResidual) pre += static_cast<A>(v.z.v[k]);
       g *= activation_grad<Act>(pre, slope);
     }
     s.sum_dy += g;
@@ -66,100 +84,110 @@ struct GradSumsElement {
   }
 };
 
-// Reads the elements at idx[u] where ok[u] (all loads first, then the adds, so that they overlap in memory).
-template <typename Element, typename Channel>
-__device__ __forceinline__ void add_unrolled(const Element& f, typename Element::Op::State& s,
-                                             const int64_t (&idx)[kUnroll], const bool (&ok)[kUnroll],
-                                             const Channel& ch) {
-  typename Element::Loaded v[kUnroll];
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    if (ok[u]) v[u] = f.load(idx[u]);
-  }
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    if (ok[u]) f.add(s, v[u], ch);
-  }
-}
-
-// NCHW: block (channel c = blockIdx.x, piece blockIdx.y) reduces values [begin, end) of the channel's
-// outer·inner values, value k at (k / inner)·C·inner + c·inner + k % inner. Each thread tracks its k % inner
-// and that address across steps of blockDim.x values, with no division in the loop.
-template <typename Element>
+// NCHW: block (channel c = blockIdx.x, piece blockIdx.y) reduces vectors [begin, end) of the channel's
+// outer·inner / VEC vectors; vector k starts at element (k / span)·C·inner + c·inner + (k % span)·VEC, with
+// span = inner / VEC. Each thread tracks its k % span and that address across steps of blockDim.x vectors, with
+// no division in the loop.
+template <typename Element, int VEC>
 __global__ void reduce_planar_kernel(Element f, Layout l, int64_t chunk, typename Element::Op::State* partial) {
   using Op = typename Element::Op;
   __shared__ typename Op::State shared[kThreads / kWarpSize];
   const int64_t c = blockIdx.x;
-  const int64_t total = l.outer * l.inner, plane = l.channels * l.inner;
+  const int64_t span = l.inner / VEC, total = l.outer * span, plane = l.channels * l.inner;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * chunk;
   const int64_t end = begin + chunk < total ? begin + chunk : total;
-  const int64_t step_j = blockDim.x % l.inner, step_address = blockDim.x / l.inner * plane + step_j;
+  const int64_t step_j = blockDim.x % span, step_address = blockDim.x / span * plane + step_j * VEC;
   const auto ch = f.channel(c);
   typename Op::State s = Op::identity();
-  int64_t k = begin + threadIdx.x, j = k % l.inner, address = k / l.inner * plane + c * l.inner + j;
+  int64_t k = begin + threadIdx.x, j = k % span, address = k / span * plane + c * l.inner + j * VEC;
   while (k < end) {
-    int64_t idx[kUnroll];
+    typename Element::template Loaded<VEC> v[kUnroll];
     bool ok[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       ok[u] = k < end;
-      idx[u] = address;
+      if (ok[u]) v[u] = f.template load<VEC>(address);
       k += blockDim.x;
       address += step_address;
       j += step_j;
-      if (j >= l.inner) {  // into the next outer index
-        j -= l.inner;
+      if (j >= span) {  // into the next outer index
+        j -= span;
         address += plane - l.inner;
       }
     }
-    add_unrolled(f, s, idx, ok, ch);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!ok[u]) continue;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) f.add(s, v[u], e, ch);
+    }
   }
   s = block_reduce<Op>(s, shared);
   if (threadIdx.x == 0) partial[c * gridDim.y + blockIdx.y] = s;
 }
 
-// channels_last: block (rows piece blockIdx.x, channels from 32·blockIdx.y) has 32 channels across each warp
-// (coalesced loads) and kRowsPerBlockY rows of threads; partials merged across the rows through shared memory.
-template <typename Element>
+// channels_last: thread (x, y) of block (rows piece blockIdx.x, group blockIdx.y) reduces channels
+// c0 = (blockIdx.y·blockDim.x + x)·VEC … c0 + VEC − 1 over rows begin + y, begin + y + blockDim.y, … (16-byte loads,
+// coalesced across x); the blockDim.y row partials are merged through shared memory in row order.
+template <typename Element, int VEC>
 __global__ void reduce_rows_kernel(Element f, Layout l, int64_t rows_per_block,
                                    typename Element::Op::State* partial) {
   using Op = typename Element::Op;
-  __shared__ typename Op::State shared[kRowsPerBlockY][kWarpSize];
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * kWarpSize + threadIdx.x;
+  using State = typename Op::State;
+  __shared__ State shared[kThreads * VEC];
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t end = begin + rows_per_block < l.outer ? begin + rows_per_block : l.outer;
-  typename Op::State s = Op::identity();
-  if (c < l.channels) {  // C need not be a multiple of 32 (apex issue 1768)
-    const auto ch = f.channel(c);
-    for (int64_t r = begin + threadIdx.y; r < end; r += kUnroll * blockDim.y) {
-      int64_t idx[kUnroll];
+  State s[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) s[e] = Op::identity();
+  if (c0 < l.channels) {  // C need not be a multiple of the block's channels (apex issue 1768)
+    typename Element::Channel ch[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) ch[e] = f.channel(c0 + e);
+    for (int64_t r = begin + threadIdx.y; r < end; r += kUnroll * static_cast<int64_t>(blockDim.y)) {
+      typename Element::template Loaded<VEC> v[kUnroll];
       bool ok[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t row = r + u * static_cast<int64_t>(blockDim.y);
         ok[u] = row < end;
-        idx[u] = row * l.channels + c;
+        if (ok[u]) v[u] = f.template load<VEC>(row * l.channels + c0);
       }
-      add_unrolled(f, s, idx, ok, ch);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (!ok[u]) continue;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) f.add(s[e], v[u], e, ch[e]);
+      }
     }
   }
-  shared[threadIdx.y][threadIdx.x] = s;
+  const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) shared[thread * VEC + e] = s[e];
   __syncthreads();
-  if (threadIdx.y == 0 && c < l.channels) {
-    for (int y = 1; y < blockDim.y; ++y) s = Op::merge(s, shared[y][threadIdx.x]);
-    partial[c * gridDim.x + blockIdx.x] = s;
+  if (threadIdx.y != 0 || c0 >= l.channels) return;
+  for (int y = 1; y < blockDim.y; ++y) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) s[e] = Op::merge(s[e], shared[(y * blockDim.x + threadIdx.x) * VEC + e]);
   }
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) partial[(c0 + e) * gridDim.x + blockIdx.x] = s[e];
 }
 
-// Merges each channel's per-block partials in block order (deterministic) and stores them.
+// One warp per channel (blockDim = 32 × kMergeWarps): each lane merges every 32nd of the channel's per-block
+// partials, then the warp merges its lanes in a fixed tree (deterministic), and lane 0 stores the result.
+constexpr int kMergeWarps = 8;
+
 template <typename Op, typename Store>
 __global__ void merge_partials_kernel(const typename Op::State* partial, int64_t channels, int64_t blocks,
                                       Store store) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kMergeWarps + threadIdx.y;
+  if (c >= channels) return;  // the whole warp
   typename Op::State s = Op::identity();
-  for (int64_t b = 0; b < blocks; ++b) s = Op::merge(s, partial[c * blocks + b]);
-  store(c, s);
+  for (int64_t b = threadIdx.x; b < blocks; b += kWarpSize) s = Op::merge(s, partial[c * blocks + b]);
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) s = Op::merge(s, Op::shfl(s, offset));
+  if (threadIdx.x == 0) store(c, s);
 }
 
 template <typename A>
@@ -182,37 +210,58 @@ struct StoreSums {
   }
 };
 
-// Runs the reduction of `f` over the layout: enough blocks per channel to fill the GPU (a grid-level merge
-// when one channel spans many blocks), then the per-channel merge.
-template <typename Element, typename Store>
-void reduce_per_channel(const at::Tensor& input, const Layout& l, const Element& f, const Store& store) {
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Launches the per-block reduction of `f` over the layout in vectors of VEC elements, sized to fill the GPU
+// (several blocks per channel when there are few channels); returns the number of partials per channel.
+template <int VEC, typename Element>
+int64_t launch_partials(const Element& f, const at::Tensor& input, const Layout& l, at::Tensor& workspace,
+                        cudaStream_t stream) {
   using State = typename Element::Op::State;
-  const int device = input.get_device();
-  const auto stream = c10::cuda::getCurrentCUDAStream(device);
-  const int64_t fill = 4 * static_cast<int64_t>(multiprocessor_count(device));
-  int64_t blocks;
-  at::Tensor workspace;
+  const int64_t fill = 4 * static_cast<int64_t>(multiprocessor_count(input.get_device()));
+  auto allocate = [&](int64_t blocks) {
+    workspace = input.new_empty({l.channels * blocks * static_cast<int64_t>(sizeof(State))},
+                                input.options().dtype(at::kByte));
+    return reinterpret_cast<State*>(workspace.mutable_data_ptr());
+  };
   if (l.inner > 1) {
-    const int64_t total = l.outer * l.inner;
-    blocks = std::max<int64_t>(1, std::min((total + kThreads * 16 - 1) / (kThreads * 16), (fill + l.channels - 1) / l.channels));
-    const int64_t chunk = (total + blocks - 1) / blocks;
-    workspace = input.new_empty({l.channels * blocks * static_cast<int64_t>(sizeof(State))}, input.options().dtype(at::kByte));
+    const int64_t total = l.outer * (l.inner / VEC);
+    const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(total, kThreads * 4), ceil_div(fill, l.channels)));
+    State* partial = allocate(blocks);
     const dim3 grid(static_cast<unsigned>(l.channels), static_cast<unsigned>(blocks));
-    reduce_planar_kernel<<<grid, kThreads, 0, stream>>>(f, l, chunk, reinterpret_cast<State*>(workspace.data_ptr()));
-  } else {
-    const int64_t channel_blocks = (l.channels + kWarpSize - 1) / kWarpSize;
-    blocks = std::max<int64_t>(1, std::min((l.outer + kRowsPerBlockY * 16 - 1) / (kRowsPerBlockY * 16),
-                                           (fill + channel_blocks - 1) / channel_blocks));
-    const int64_t rows = (l.outer + blocks - 1) / blocks;
-    workspace = input.new_empty({l.channels * blocks * static_cast<int64_t>(sizeof(State))}, input.options().dtype(at::kByte));
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(channel_blocks));
-    const dim3 block(kWarpSize, kRowsPerBlockY);
-    reduce_rows_kernel<<<grid, block, 0, stream>>>(f, l, rows, reinterpret_cast<State*>(workspace.data_ptr()));
+    reduce_planar_kernel<Element, VEC><<<grid, kThreads, 0, stream>>>(f, l, ceil_div(total, blocks), partial);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return blocks;
   }
+  const int64_t groups = ceil_div(l.channels, VEC);
+  int64_t tx = 1;
+  while (tx < kWarpSize && tx < groups) tx *= 2;
+  const int64_t ty = kThreads / tx, channel_blocks = ceil_div(groups, tx);
+  const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(l.outer, ty * 4), ceil_div(fill, channel_blocks)));
+  State* partial = allocate(blocks);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(channel_blocks));
+  const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
+  reduce_rows_kernel<Element, VEC><<<grid, block, 0, stream>>>(f, l, ceil_div(l.outer, blocks), partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t merge_blocks = (l.channels + kThreads - 1) / kThreads;
-  merge_partials_kernel<typename Element::Op><<<merge_blocks, kThreads, 0, stream>>>(
-      reinterpret_cast<const State*>(workspace.data_ptr()), l.channels, blocks, store);
+  return blocks;
+}
+
+// Runs the reduction of `f` over the layout (16-byte loads where the layout and `pointers` allow), then the
+// per-channel merge of the partials.
+template <typename Element, typename Store>
+void reduce_per_channel(const at::Tensor& input, const Layout& l, const Element& f, const Store& store,
+                        std::initializer_list<const void*> pointers) {
+  using scalar_t = typename Element::scalar_type;
+  using State = typename Element::Op::State;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.get_device());
+  at::Tensor workspace;
+  const int64_t blocks = vector_width<scalar_t>(l, pointers) == kVec
+                             ? launch_partials<kVec>(f, input, l, workspace, stream)
+                             : launch_partials<1>(f, input, l, workspace, stream);
+  const dim3 block(kWarpSize, kMergeWarps);
+  merge_partials_kernel<typename Element::Op><<<ceil_div(l.channels, kMergeWarps), block, 0, stream>>>(
+      reinterpret_cast<const State*>(workspace.const_data_ptr()), l.channels, blocks, store);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -229,7 +278,8 @@ void batch_moments(const at::Tensor& input, Layout layout, at::Tensor& mean, at:
       return;
     }
     reduce_per_channel(input, layout, MomentsElement<scalar_t>{input.const_data_ptr<scalar_t>()},
-                       StoreMoments<A>{mean.mutable_data_ptr<A>(), m2.mutable_data_ptr<A>()});
+                       StoreMoments<A>{mean.mutable_data_ptr<A>(), m2.mutable_data_ptr<A>()},
+                       {input.const_data_ptr()});
   });
 }
 
@@ -256,7 +306,9 @@ void backward_reduce(const NormInputs& in, const at::Tensor& grad_output, GradSu
             kResidual ? in.residual.const_data_ptr<scalar_t>() : nullptr, mean.const_data_ptr<A>(),
             invstd.const_data_ptr<A>(), ptr_or_null<A>(weight), ptr_or_null<A>(bias),
             static_cast<A>(in.negative_slope)};
-        reduce_per_channel(in.input, in.layout, f, store);
+        reduce_per_channel(in.input, in.layout, f, store,
+                           {grad_output.const_data_ptr(), in.input.const_data_ptr(),
+                            kResidual ? in.residual.const_data_ptr() : nullptr});
       };
       if (in.residual.defined()) {
         run(std::true_type{});
