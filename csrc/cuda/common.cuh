@@ -45,18 +45,6 @@ __device__ __forceinline__ T shfl_down(T v, int offset) {
   return __shfl_down_sync(0xffffffffu, v, offset);
 }
 
-// Σ d[k] as a balanced tree (N a power of two): a chain of log2(N) additions, not N. Overwrites d.
-template <typename A, int N>
-__device__ __forceinline__ A tree_sum(A (&d)[N]) {
-  static_assert((N & (N - 1)) == 0, "tree_sum needs a power of two");
-#pragma unroll
-  for (int width = N / 2; width > 0; width /= 2) {
-#pragma unroll
-    for (int k = 0; k < width; ++k) d[k] += d[k + width];
-  }
-  return d[0];
-}
-
 // Moments merged with Chan's formula; sums merged by addition. Both combine in a fixed tree, so results are
 // deterministic.
 template <typename A>

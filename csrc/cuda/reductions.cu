@@ -13,19 +13,13 @@ namespace {
 
 constexpr int kUnroll = 4;  // vector loads each thread issues before it uses the first
 
-// Each Element loads VEC consecutive elements at one position (load: 16-byte loads, kUnroll of them in flight
-// per thread), takes element k of a load apart (value), and adds the first n of N values of one channel to a
-// thread's state (add_values; the values a thread loads in one step).
-
-// x → moments. A full batch of N values is reduced in registers (mean, then Σ(x − mean)², both as trees) and
-// Chan-merged into the thread's state: one division per batch and a short dependency chain, where a Welford
-// update per value would chain N divisions. A partial batch (the last step) is added value by value (Welford).
+// x → Welford moments. An Element loads VEC consecutive elements of one position (load) and adds element k of
+// them to a thread's state (add), so that a thread can keep kUnroll loads in flight.
 template <typename scalar_t>
 struct MomentsElement {
   using A = acc_t<scalar_t>;
   using Op = MomentsOp<A>;
   using scalar_type = scalar_t;
-  using Value = A;
   template <int VEC>
   struct Loaded {
     Packed<scalar_t, VEC> x;
@@ -38,25 +32,8 @@ struct MomentsElement {
     return {load_packed<scalar_t, VEC>(x + i)};
   }
   template <int VEC>
-  __device__ Value value(const Loaded<VEC>& v, int k) const {
-    return static_cast<A>(v.x.v[k]);
-  }
-  template <int N>
-  __device__ void add_values(typename Op::State& s, const Value (&v)[N], int n, Channel) const {
-    if (n < N) {
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        if (k < n) welford_add(s, v[k]);
-      }
-      return;
-    }
-    A d[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) d[k] = v[k];
-    const A mean = tree_sum(d) * (A(1) / A(N));
-#pragma unroll
-    for (int k = 0; k < N; ++k) d[k] = (v[k] - mean) * (v[k] - mean);
-    s = chan_merge(s, Moments<A>{A(N), mean, tree_sum(d)});
+  __device__ void add(typename Op::State& s, const Loaded<VEC>& v, int k, Channel) const {
+    welford_add(s, static_cast<A>(v.x.v[k]));
   }
 };
 
@@ -67,9 +44,6 @@ struct GradSumsElement {
   using Op = SumPairOp<A>;
   using scalar_type = scalar_t;
   static constexpr bool kReadZ = kResidual && Act != Activation::Identity;
-  struct Value {
-    A dy, x, z;
-  };
   template <int VEC>
   struct Loaded {
     Packed<scalar_t, VEC> dy, x, z;
@@ -97,24 +71,16 @@ struct GradSumsElement {
     return r;
   }
   template <int VEC>
-  __device__ Value value(const Loaded<VEC>& v, int k) const {
-    return {static_cast<A>(v.dy.v[k]), static_cast<A>(v.x.v[k]), kReadZ ? static_cast<A>(v.z.v[k]) : A(0)};
-  }
-  template <int N>
-  __device__ void add_values(typename Op::State& s, const Value (&v)[N], int n, const Channel& ch) const {
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      if (k >= n) break;
-      const A xmu = v[k].x - ch.mean;
-      A g = v[k].dy;
-      if constexpr (Act != Activation::Identity) {
-        A pre = xmu * ch.scale + ch.shift;
-        if constexpr (kResidual) pre += v[k].z;
-        g *= activation_grad<Act>(pre, slope);
-      }
-      s.sum_dy += g;
-      s.sum_dy_xmu += g * xmu;
+  __device__ void add(typename Op::State& s, const Loaded<VEC>& v, int k, const Channel& ch) const {
+    const A xmu = static_cast<A>(v.x.v[k]) - ch.mean;
+    A g = static_cast<A>(v.dy.v[k]);
+    if constexpr (Act != Activation::Identity) {
+      A pre = xmu * ch.scale + ch.shift;
+      if constexpr (kResidual) pre += static_cast<A>(v.z.v[k]);
+      g *= activation_grad<Act>(pre, slope);
     }
+    s.sum_dy += g;
+    s.sum_dy_xmu += g * xmu;
   }
 };
 
@@ -149,16 +115,12 @@ __global__ void reduce_planar_kernel(Element f, Layout l, int64_t chunk, typenam
         address += plane - l.inner;
       }
     }
-    typename Element::Value values[kUnroll * VEC];
-    int n = 0;  // ok[] is a prefix: the values of the loaded vectors come first
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (!ok[u]) continue;
-      n += VEC;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) values[u * VEC + e] = f.value(v[u], e);
+      for (int e = 0; e < VEC; ++e) f.add(s, v[u], e, ch);
     }
-    f.add_values(s, values, n, ch);
   }
   s = block_reduce<Op>(s, shared);
   if (threadIdx.x == 0) partial[c * gridDim.y + blockIdx.y] = s;
@@ -192,17 +154,11 @@ __global__ void reduce_rows_kernel(Element f, Layout l, int64_t rows_per_block,
         ok[u] = row < end;
         if (ok[u]) v[u] = f.template load<VEC>(row * l.channels + c0);
       }
-      int n = 0;  // ok[] is a prefix
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) n += ok[u];
+      for (int u = 0; u < kUnroll; ++u) {
+        if (!ok[u]) continue;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {  // channel c0 + e: element e of each loaded row
-        typename Element::Value values[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (ok[u]) values[u] = f.value(v[u], e);
-        }
-        f.add_values(s[e], values, n, ch[e]);
+        for (int e = 0; e < VEC; ++e) f.add(s[e], v[u], e, ch[e]);
       }
     }
   }
