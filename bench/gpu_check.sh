@@ -31,7 +31,7 @@ step "compute-sanitizer"
 SAN=$CUDA_HOME/bin/compute-sanitizer
 for tool in memcheck racecheck; do  # no caching allocator: an access past a tensor's end is then an error
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 75 "$SAN" --tool "$tool" --error-exitcode 3 $PY bench/sanitize_case.py > "$OUT/$tool.log" 2>&1
-  echo "$tool: exit $? ($(grep -c 'ERROR SUMMARY' "$OUT/$tool.log") summaries: $(grep 'ERROR SUMMARY' "$OUT/$tool.log" | tail -1))"
+  echo "$tool: exit $? ($(grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/$tool.log" | tail -1))"
 done
 
 step "GPU benchmark"
