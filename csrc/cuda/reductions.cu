@@ -84,18 +84,19 @@ struct GradSumsElement {
   }
 };
 
-// NCHW: block (channel c = blockIdx.x, piece blockIdx.y) reduces vectors [begin, end) of the channel's
-// outer·inner / VEC vectors; vector k starts at element (k / span)·C·inner + c·inner + (k % span)·VEC, with
-// span = inner / VEC. Each thread tracks its k % span and that address across steps of blockDim.x vectors, with
-// no division in the loop.
+// The reductions split their work into items of (channel or channel block, piece) whose partials go to
+// partial[channel · pieces + piece]. Each block takes items blockIdx.x, blockIdx.x + gridDim.x, …, and the grid
+// is as many blocks as fit on the GPU at once (launch_partials): more blocks than that would run in two or more
+// waves, the last one partly empty.
+
+// NCHW item: vectors [begin, end) of channel c's outer·inner / VEC vectors; vector k starts at element
+// (k / span)·C·inner + c·inner + (k % span)·VEC, with span = inner / VEC. Each thread tracks its k % span and that
+// address across steps of blockDim.x vectors, with no division in the loop.
 template <typename Element, int VEC>
-__global__ void reduce_planar_kernel(Element f, Layout l, int64_t chunk, typename Element::Op::State* partial) {
+__device__ typename Element::Op::State reduce_span_piece(const Element& f, const Layout& l, int64_t c,
+                                                         int64_t begin, int64_t end) {
   using Op = typename Element::Op;
-  __shared__ typename Op::State shared[kThreads / kWarpSize];
-  const int64_t c = blockIdx.x;
-  const int64_t span = l.inner / VEC, total = l.outer * span, plane = l.channels * l.inner;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * chunk;
-  const int64_t end = begin + chunk < total ? begin + chunk : total;
+  const int64_t span = l.inner / VEC, plane = l.channels * l.inner;
   const int64_t step_j = blockDim.x % span, step_address = blockDim.x / span * plane + step_j * VEC;
   const auto ch = f.channel(c);
   typename Op::State s = Op::identity();
@@ -122,57 +123,75 @@ __global__ void reduce_planar_kernel(Element f, Layout l, int64_t chunk, typenam
       for (int e = 0; e < VEC; ++e) f.add(s, v[u], e, ch);
     }
   }
-  s = block_reduce<Op>(s, shared);
-  if (threadIdx.x == 0) partial[c * gridDim.y + blockIdx.y] = s;
+  return s;
 }
 
-// channels_last: thread (x, y) of block (rows piece blockIdx.x, group blockIdx.y) reduces channels
-// c0 = (blockIdx.y·blockDim.x + x)·VEC … c0 + VEC − 1 over rows begin + y, begin + y + blockDim.y, … (16-byte loads,
-// coalesced across x); the blockDim.y row partials are merged through shared memory in row order.
 template <typename Element, int VEC>
-__global__ void reduce_rows_kernel(Element f, Layout l, int64_t rows_per_block,
-                                   typename Element::Op::State* partial) {
+__global__ void reduce_planar_kernel(Element f, Layout l, int64_t pieces, int64_t chunk,
+                                     typename Element::Op::State* partial) {
+  using Op = typename Element::Op;
+  __shared__ typename Op::State shared[kThreads / kWarpSize];
+  const int64_t total = l.outer * (l.inner / VEC);
+  for (int64_t item = blockIdx.x; item < l.channels * pieces; item += gridDim.x) {
+    const int64_t c = item / pieces, begin = (item - c * pieces) * chunk;
+    auto s = reduce_span_piece<Element, VEC>(f, l, c, begin, begin + chunk < total ? begin + chunk : total);
+    s = block_reduce<Op>(s, shared);
+    if (threadIdx.x == 0) partial[item] = s;
+    __syncthreads();  // the next item's block_reduce reuses `shared`
+  }
+}
+
+// channels_last item (channel block cb, piece): thread (x, y) reduces channels c0 = (cb·blockDim.x + x)·VEC …
+// c0 + VEC − 1 over rows begin + y, begin + y + blockDim.y, … < end (16-byte loads, coalesced across x); the
+// blockDim.y row partials are then merged through shared memory in row order.
+template <typename Element, int VEC>
+__global__ void reduce_rows_kernel(Element f, Layout l, int64_t channel_blocks, int64_t pieces,
+                                   int64_t rows_per_piece, typename Element::Op::State* partial) {
   using Op = typename Element::Op;
   using State = typename Op::State;
   __shared__ State shared[kThreads * VEC];
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
-  const int64_t end = begin + rows_per_block < l.outer ? begin + rows_per_block : l.outer;
-  State s[VEC];
+  const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int64_t item = blockIdx.x; item < channel_blocks * pieces; item += gridDim.x) {
+    const int64_t block = item / pieces, piece = item - block * pieces;
+    const int64_t c0 = (block * blockDim.x + threadIdx.x) * VEC, begin = piece * rows_per_piece;
+    const int64_t end = begin + rows_per_piece < l.outer ? begin + rows_per_piece : l.outer;
+    State s[VEC];
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) s[e] = Op::identity();
-  if (c0 < l.channels) {  // C need not be a multiple of the block's channels (apex issue 1768)
-    typename Element::Channel ch[VEC];
+    for (int e = 0; e < VEC; ++e) s[e] = Op::identity();
+    if (c0 < l.channels) {  // C need not be a multiple of the block's channels (apex issue 1768)
+      typename Element::Channel ch[VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) ch[e] = f.channel(c0 + e);
-    for (int64_t r = begin + threadIdx.y; r < end; r += kUnroll * static_cast<int64_t>(blockDim.y)) {
-      typename Element::template Loaded<VEC> v[kUnroll];
-      bool ok[kUnroll];
+      for (int e = 0; e < VEC; ++e) ch[e] = f.channel(c0 + e);
+      for (int64_t r = begin + threadIdx.y; r < end; r += kUnroll * static_cast<int64_t>(blockDim.y)) {
+        typename Element::template Loaded<VEC> v[kUnroll];
+        bool ok[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t row = r + u * static_cast<int64_t>(blockDim.y);
-        ok[u] = row < end;
-        if (ok[u]) v[u] = f.template load<VEC>(row * l.channels + c0);
-      }
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t row = r + u * static_cast<int64_t>(blockDim.y);
+          ok[u] = row < end;
+          if (ok[u]) v[u] = f.template load<VEC>(row * l.channels + c0);
+        }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (!ok[u]) continue;
+        for (int u = 0; u < kUnroll; ++u) {
+          if (!ok[u]) continue;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) f.add(s[e], v[u], e, ch[e]);
+          for (int e = 0; e < VEC; ++e) f.add(s[e], v[u], e, ch[e]);
+        }
       }
     }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) shared[thread * VEC + e] = s[e];
+    __syncthreads();
+    if (threadIdx.y == 0 && c0 < l.channels) {
+      for (int y = 1; y < blockDim.y; ++y) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s[e] = Op::merge(s[e], shared[(y * blockDim.x + threadIdx.x) * VEC + e]);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) partial[(c0 + e) * pieces + piece] = s[e];
+    }
+    __syncthreads();  // the next item overwrites `shared`
   }
-  const int thread = threadIdx.y * blockDim.x + threadIdx.x;
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) shared[thread * VEC + e] = s[e];
-  __syncthreads();
-  if (threadIdx.y != 0 || c0 >= l.channels) return;
-  for (int y = 1; y < blockDim.y; ++y) {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) s[e] = Op::merge(s[e], shared[(y * blockDim.x + threadIdx.x) * VEC + e]);
-  }
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) partial[(c0 + e) * gridDim.x + blockIdx.x] = s[e];
 }
 
 // One warp per channel (blockDim = 32 × kMergeWarps): each lane merges every 32nd of the channel's per-block
@@ -212,38 +231,56 @@ struct StoreSums {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Launches the per-block reduction of `f` over the layout in vectors of VEC elements, sized to fill the GPU
-// (several blocks per channel when there are few channels); returns the number of partials per channel.
+// Blocks of `threads` threads of `kernel` that fit on the GPU at once (registers, shared memory, threads),
+// queried once per kernel.
+template <auto Kernel>
+int64_t resident_blocks(int threads, int device) {
+  static const int per_multiprocessor = [&] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, threads, 0));
+    return std::max(blocks, 1);
+  }();
+  return static_cast<int64_t>(per_multiprocessor) * multiprocessor_count(device);
+}
+
+// Launches the reduction of `f` over the layout in vectors of VEC elements: each channel (NCHW) or block of
+// channels (channels_last) in as many pieces as the resident blocks allow, but no piece shorter than one step
+// of every thread; returns the number of pieces (partials per channel).
 template <int VEC, typename Element>
 int64_t launch_partials(const Element& f, const at::Tensor& input, const Layout& l, at::Tensor& workspace,
                         cudaStream_t stream) {
   using State = typename Element::Op::State;
-  const int64_t fill = 4 * static_cast<int64_t>(multiprocessor_count(input.get_device()));
-  auto allocate = [&](int64_t blocks) {
-    workspace = input.new_empty({l.channels * blocks * static_cast<int64_t>(sizeof(State))},
+  const int device = input.get_device();
+  auto allocate = [&](int64_t pieces) {
+    workspace = input.new_empty({l.channels * pieces * static_cast<int64_t>(sizeof(State))},
                                 input.options().dtype(at::kByte));
     return reinterpret_cast<State*>(workspace.mutable_data_ptr());
   };
   if (l.inner > 1) {
+    constexpr auto kernel = reduce_planar_kernel<Element, VEC>;
+    const int64_t resident = resident_blocks<kernel>(kThreads, device);
     const int64_t total = l.outer * (l.inner / VEC);
-    const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(total, kThreads * 4), ceil_div(fill, l.channels)));
-    State* partial = allocate(blocks);
-    const dim3 grid(static_cast<unsigned>(l.channels), static_cast<unsigned>(blocks));
-    reduce_planar_kernel<Element, VEC><<<grid, kThreads, 0, stream>>>(f, l, ceil_div(total, blocks), partial);
+    const int64_t pieces = std::max<int64_t>(1, std::min(resident / l.channels, ceil_div(total, kThreads * kUnroll)));
+    State* partial = allocate(pieces);
+    const int64_t grid = std::min(l.channels * pieces, resident);
+    kernel<<<grid, kThreads, 0, stream>>>(f, l, pieces, ceil_div(total, pieces), partial);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return blocks;
+    return pieces;
   }
   const int64_t groups = ceil_div(l.channels, VEC);
   int64_t tx = 1;
   while (tx < kWarpSize && tx < groups) tx *= 2;
   const int64_t ty = kThreads / tx, channel_blocks = ceil_div(groups, tx);
-  const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(l.outer, ty * 4), ceil_div(fill, channel_blocks)));
-  State* partial = allocate(blocks);
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(channel_blocks));
+  constexpr auto kernel = reduce_rows_kernel<Element, VEC>;
+  const int64_t resident = resident_blocks<kernel>(kThreads, device);
+  const int64_t pieces =
+      std::max<int64_t>(1, std::min(resident / channel_blocks, ceil_div(l.outer, ty * kUnroll)));
+  State* partial = allocate(pieces);
+  const int64_t grid = std::min(channel_blocks * pieces, resident);
   const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
-  reduce_rows_kernel<Element, VEC><<<grid, block, 0, stream>>>(f, l, ceil_div(l.outer, blocks), partial);
+  kernel<<<grid, block, 0, stream>>>(f, l, channel_blocks, pieces, ceil_div(l.outer, pieces), partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return blocks;
+  return pieces;
 }
 
 // Runs the reduction of `f` over the layout (16-byte loads where the layout and `pointers` allow), then the
