@@ -21,6 +21,11 @@ def build_cuda() -> bool:
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
+# nvcc's flags, beside those torch adds (.ci/nvcc_check.py compiles with the same). C++20 is named explicitly:
+# torch before 2.13 would otherwise compile extensions as C++17.
+NVCC_FLAGS = ["-std=c++20", "-O3", "--use_fast_math", "-DWITH_CUDA"]
+
+
 def cpu_flags() -> list:
     if "FUSEDBN_CPU_FLAGS" in os.environ:
         return os.environ["FUSEDBN_CPU_FLAGS"].split()
@@ -34,22 +39,22 @@ def extension():
     # several versions of a loop (vector body, scalar peel and tail, alias-checked fallbacks) and contracted
     # a·b + c into FMA in some but not others, so which version ran (thread context, row offsets) changed the
     # last bit; without contraction every version rounds alike and results are bitwise reproducible.
-    # C++20 named explicitly: torch before 2.13 would otherwise compile extensions as C++17.
+    # -std=c++20: see NVCC_FLAGS.
     cxx = ["-std=c++20", "-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"] + cpu_flags()
     if not build_cuda():
         return CppExtension("fusedbn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
-    nvcc = ["-std=c++20", "-O3", "--use_fast_math", "-DWITH_CUDA"]
     return CUDAExtension(
         "fusedbn._C",
         sources,
         define_macros=[("WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS},
         extra_link_args=["-fopenmp"],
     )
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":  # also under pip: setuptools runs this file as __main__; .ci/nvcc_check.py imports it
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

@@ -1,5 +1,6 @@
-"""Compiles every csrc/**/*.cu with nvcc (compile only, sm_90) against the installed torch's headers, and
-syntax-checks the host files of the CUDA build (csrc/cuda/*.cpp) with the host compiler.
+"""Compiles every csrc/**/*.cu with nvcc (compile only, sm_90) against the installed torch's headers, with the
+flags of the real build (setup.py's NVCC_FLAGS and the ones torch adds), and syntax-checks the host files of the
+CUDA build (csrc/cuda/*.cpp) with the host compiler.
 
 Keeps the CUDA sources from rotting on machines without a GPU or a CUDA build of torch: the .cu files include
 only lean headers, so the CPU build of torch provides all they need (-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE).
@@ -7,6 +8,7 @@ only lean headers, so the CPU build of torch provides all they need (-DC10_CUDA_
 
 import argparse
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,7 +17,15 @@ import sysconfig
 import tempfile
 import time
 
-from torch.utils.cpp_extension import include_paths
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+
+def build_nvcc_flags(root: str) -> list:
+    """setup.py's NVCC_FLAGS (importing setup.py does not build: it calls setup() only as __main__)."""
+    spec = importlib.util.spec_from_file_location("fusedbn_setup", os.path.join(root, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NVCC_FLAGS
 
 
 def main() -> int:
@@ -29,8 +39,8 @@ def main() -> int:
         print("nvcc check: no .cu files")
         return 0
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    flags = ["-c", f"-arch={args.arch}", "-std=c++20", "-O0", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DWITH_CUDA",
-             "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]
+    flags = ["-c", f"-arch={args.arch}", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *COMMON_NVCC_FLAGS,
+             *build_nvcc_flags(root), "-Xcompiler", "-fPIC"]
     failed = []
     with tempfile.TemporaryDirectory() as out:
         for src in sources:

@@ -162,9 +162,11 @@ inline int64_t walk_grid_size(const Layout& l, int vec, int device) {
   return blocks_per_period <= blocks ? blocks / blocks_per_period * blocks_per_period : blocks;
 }
 
-// Per-channel vectors as contiguous tensors of the accumulation dtype (a no-op when they already are).
-inline at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
-  return t.defined() ? t.to(acc).contiguous() : t;
+// t as a contiguous tensor of `dtype`: t itself, without a dispatcher call, when it already is one (the common
+// case for per-channel vectors, several of which every kernel launch takes).
+inline at::Tensor dense_as(const at::Tensor& t, at::ScalarType dtype) {
+  if (!t.defined() || (t.scalar_type() == dtype && t.is_contiguous())) return t;
+  return t.to(dtype).contiguous();
 }
 
 template <typename A>

@@ -138,8 +138,8 @@ template <typename A>
 struct AccParams {
   at::Tensor mean, invstd, weight, bias, sum_dy, sum_dy_xmu;
   AccParams(const NormInputs& in, const GradSums& sums, at::ScalarType acc)
-      : mean(as_acc(in.mean, acc)), invstd(as_acc(in.invstd, acc)), weight(as_acc(in.weight, acc)),
-        bias(as_acc(in.bias, acc)), sum_dy(as_acc(sums.sum_dy, acc)), sum_dy_xmu(as_acc(sums.sum_dy_xmu, acc)) {}
+      : mean(dense_as(in.mean, acc)), invstd(dense_as(in.invstd, acc)), weight(dense_as(in.weight, acc)),
+        bias(dense_as(in.bias, acc)), sum_dy(dense_as(sums.sum_dy, acc)), sum_dy_xmu(dense_as(sums.sum_dy_xmu, acc)) {}
   ChannelParams<A> view(double count, double slope) const {
     return {mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), ptr_or_null<A>(weight), ptr_or_null<A>(bias),
             ptr_or_null<A>(sum_dy), ptr_or_null<A>(sum_dy_xmu), static_cast<A>(1.0 / count), static_cast<A>(slope)};

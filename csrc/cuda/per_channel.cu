@@ -72,7 +72,7 @@ void batch_norm_stats(const at::Tensor& batch_mean, const at::Tensor& batch_m2, 
   const int64_t C = batch_mean.size(0);
   const bool blend = prior_count > 0;
   const at::Tensor pm = blend ? prior_mean.contiguous() : batch_mean;
-  const at::Tensor pv = blend ? prior_var.to(pm.scalar_type()).contiguous() : batch_m2;
+  const at::Tensor pv = blend ? dense_as(prior_var, pm.scalar_type()) : batch_m2;
   AT_DISPATCH_FLOATING_TYPES(batch_mean.scalar_type(), "fusedbn_cuda_batch_norm_stats", [&] {
     using A = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pm.scalar_type(), "fusedbn_cuda_prior", [&] {
@@ -90,7 +90,7 @@ void fixed_norm_stats(const at::Tensor& mean_in, const at::Tensor& var_in, doubl
   const c10::cuda::CUDAGuard guard(mean_in.device());
   const auto stream = c10::cuda::getCurrentCUDAStream(mean_in.get_device());
   const int64_t C = mean_in.size(0);
-  const at::Tensor m = mean_in.contiguous(), v = var_in.to(mean_in.scalar_type()).contiguous();
+  const at::Tensor m = mean_in.contiguous(), v = dense_as(var_in, mean_in.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "fusedbn_cuda_fixed_norm_stats", [&] {
     using A = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "fusedbn_cuda_fixed_in", [&] {
@@ -110,7 +110,7 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, at:
   const int64_t C = batch_mean.size(0);
   // The kernel writes through raw pointers: work on dense copies if the buffers are strided views.
   at::Tensor rm = running_mean.is_contiguous() ? running_mean : running_mean.contiguous();
-  at::Tensor rv = running_var.to(rm.scalar_type()).contiguous();
+  at::Tensor rv = dense_as(running_var, rm.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(batch_mean.scalar_type(), "fusedbn_cuda_update_running_stats", [&] {
     using A = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "fusedbn_cuda_running", [&] {

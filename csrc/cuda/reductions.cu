@@ -326,8 +326,8 @@ void backward_reduce(const NormInputs& in, const at::Tensor& grad_output, GradSu
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "fusedbn_cuda_backward_reduce", [&] {
     using A = acc_t<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<A>::value;
-    const at::Tensor mean = as_acc(in.mean, acc), invstd = as_acc(in.invstd, acc);
-    const at::Tensor weight = as_acc(in.weight, acc), bias = as_acc(in.bias, acc);
+    const at::Tensor mean = dense_as(in.mean, acc), invstd = dense_as(in.invstd, acc);
+    const at::Tensor weight = dense_as(in.weight, acc), bias = dense_as(in.bias, acc);
     if (in.layout.numel() == 0) {
       sums.sum_dy.zero_();
       sums.sum_dy_xmu.zero_();
