@@ -80,9 +80,13 @@ struct PlanarItems {
   int64_t item_elems() const { return pieces_per_span > 1 ? piece_len : spans_per_item * layout.inner; }
 };
 
-// Interleaved layouts (inner == 1): an item is a block of rows holding every channel.
+// Interleaved layouts (inner == 1): an item is a block of rows holding every channel, at most kRowItemElems
+// values, with the rows spread evenly over the items. Blocks of the full size and a short last one split
+// (8, 512, 7, 7) into items of 128, 128, 128 and 8 rows, and two threads into 256 and 136 rows.
 inline int64_t rows_per_item(const Layout& l) {
-  return std::max<int64_t>(1, kRowItemElems / std::max<int64_t>(l.channels, 1));
+  const int64_t most = std::max<int64_t>(1, kRowItemElems / std::max<int64_t>(l.channels, 1));
+  const int64_t items = (l.outer + most - 1) / most;
+  return items > 0 ? (l.outer + items - 1) / items : most;
 }
 
 inline int64_t grain_items(int64_t item_elems) {
