@@ -1,8 +1,8 @@
 """CPU benchmark: fusedbn against nn.BatchNorm2d (+ nn.ReLU) eager, torch.compile of the latter, and x.clone().
 
 For each shape × memory format × dtype: forward in training mode, forward in eval mode, and a BN+ReLU training
-step (forward + backward to input, weight and bias). All implementations run interleaved in one process,
-median of --repeats runs after warm-up. Writes the table into bench/RESULTS.md (between markers) and a plot
+step (forward + backward to input, weight and bias). All implementations run interleaved in one process, in a
+new random order each round, median of --repeats runs after warm-up. Writes the table into bench/RESULTS.md (between markers) and a plot
 to bench/cpu.png.
 
 glibc returns large freed blocks to the OS, so a run's output may land on fresh pages and pay ~2 µs per 4 KiB
@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -103,13 +104,20 @@ def make_runners(torch, nn, fusedbn, dtype, shape, memory_format, use_compile):
 
 
 def measure(runners, repeats):
+    """Median time of each runner, all interleaved in a new random order each round (seeded). What runs just
+    before a call changes its time: after a compiled step, the next op took about twice as long here, nn's and
+    fusedbn's alike. A fixed or rotating order gives each runner the same predecessor in most rounds (in rotation
+    fusedbn's forward always followed the compiled step and the clones, nn's followed fusedbn's), which biased
+    the ratios; a shuffled order gives every runner the same mix of predecessors."""
     for fn in runners.values():  # warm-up (and compile)
         for _ in range(3):
             fn()
     samples = {k: [] for k in runners}
     keys = list(runners)
-    for i in range(repeats):
-        for k in keys[i % len(keys):] + keys[:i % len(keys)]:  # interleaved, rotating order
+    order = random.Random(0)
+    for _ in range(repeats):
+        order.shuffle(keys)
+        for k in keys:
             start = time.perf_counter()
             runners[k]()
             samples[k].append(time.perf_counter() - start)
