@@ -40,7 +40,8 @@ def extension():
     # a·b + c into FMA in some but not others, so which version ran (thread context, row offsets) changed the
     # last bit; without contraction every version rounds alike and results are bitwise reproducible.
     # -std=c++20: see NVCC_FLAGS.
-    cxx = ["-std=c++20", "-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"] + cpu_flags()
+    cxx = ["-std=c++20", "-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
+           "-ffp-contract=off"] + cpu_flags()
     if not build_cuda():
         return CppExtension("fusedbn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))

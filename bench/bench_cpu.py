@@ -2,8 +2,8 @@
 
 For each shape × memory format × dtype: forward in training mode, forward in eval mode, and a BN+ReLU training
 step (forward + backward to input, weight and bias). All implementations run interleaved in one process, in a
-new random order each round, median of --repeats runs after warm-up. Writes the table into bench/RESULTS.md (between markers) and a plot
-to bench/cpu.png.
+new random order each round, median of --repeats runs after warm-up. Writes the table into bench/RESULTS.md
+(between markers) and a plot to bench/cpu.png.
 
 glibc returns large freed blocks to the OS, so a run's output may land on fresh pages and pay ~2 µs per 4 KiB
 page fault in this VM (≈12 ms for 25 MB), at random for every implementation, clone included. The benchmark
