@@ -38,3 +38,19 @@ def test_batch_statistics_are_one_float32_ulp_accurate():
     assert ((mean.double() - exact).abs() <= ulp).all()
     exact_m2 = ((x.double() - exact.view(1, 3, 1, 1)) ** 2).sum(dim=(0, 2, 3))
     torch.testing.assert_close(m2.double(), exact_m2, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_first_value_far_from_the_mean(memory_format):
+    # The moments are summed around each work item's first value; here that value lies 100 standard deviations
+    # from the mean (M2 ≈ 1.4 against Σd² ≈ 4000), where one pass would cancel about 12 bits of M2. Forty
+    # channels cover the channels_last blocks of 32 channels and the single channels after them.
+    g = torch.Generator().manual_seed(0)
+    x = 1e3 + 1e-2 * torch.randn(4, 40, 32, 32, generator=g)
+    x[0, :, 0, 0] += 1.0
+    x = x.contiguous(memory_format=memory_format)
+    mean, m2 = torch.ops.fusedbn.batch_stats(x)
+    exact = x.double().mean(dim=(0, 2, 3))
+    exact_m2 = ((x.double() - exact.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+    assert ((mean.double() - exact).abs() <= torch.finfo(torch.float32).eps * 1e3).all()
+    torch.testing.assert_close(m2.double(), exact_m2, rtol=1e-4, atol=0)

@@ -168,7 +168,9 @@ void backward_elemt_typed(const NormInputs& in, const at::Tensor& grad_output, c
     const auto weight = channel_vector<double>(in.weight, C, 1.0);
     const auto s1 = channel_vector<double>(sums.sum_dy, C, 0.0);
     const auto s2 = channel_vector<double>(sums.sum_dy_xmu, C, 0.0);
-    for (int64_t c = 0; c < C; ++c) std::tie(c1[c], c2[c]) = grad_corrections<opmath_t>(weight[c], invstd[c], s1[c], s2[c], count);
+    for (int64_t c = 0; c < C; ++c) {
+      std::tie(c1[c], c2[c]) = grad_corrections<opmath_t>(weight[c], invstd[c], s1[c], s2[c], count);
+    }
   }
   const GradWriter<scalar_t, A, kResidual> writer(in, grad_output, grad_input, grad_residual);
   for_each_item(

@@ -6,7 +6,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -17,36 +16,23 @@ namespace fusedbn::cpu {
 // Spans of at most this many values are added column by column by sums_over_spans.
 constexpr int64_t kColumnSumMaxSpan = 1024;
 
-// The sum of f(offset(o) + j) over spans o in [o0, o1) and positions j in [0, len), in double; f returns an
-// acc_t, or a std::pair<acc_t, acc_t> for two sums at once (then the result is a pair).
+// The two sums of f(offset(o) + j) = (a, b) over spans o in [o0, o1) and positions j in [0, len), in double; f
+// returns a std::pair<acc_t, acc_t>.
 //
 // A plain `omp simd` reduction keeps one vector accumulator, so the add latency bounds it (≈ 3 cycles per 8
 // values), and it ends with a lane-by-lane horizontal sum, which for the 49-value spans of 7 × 7 images cost
 // more than the span's own additions. Here every step adds four values first, (v0 + v1) + (v2 + v3), from four
 // rows at the same position j:
-//  - several short spans: four spans at a time, added to a column buffer (element j), reduced once at the end;
+//  - several short spans: four spans at a time, added to column buffers (element j), reduced once at the end;
 //  - otherwise: the four quarters of each span, into one reduction.
 // The order of the additions depends only on the shape. f is taken by value: through a reference gcc reloaded
 // its captured pointer in every iteration and vectorised the loads as gathers.
 template <typename acc_t, typename Offset, typename F>
-auto sums_over_spans(int64_t o0, int64_t o1, int64_t len, const Offset& offset, F f) {
-  constexpr bool kPair = !std::is_arithmetic_v<decltype(f(int64_t{0}))>;
-  using Sums = std::conditional_t<kPair, std::pair<acc_t, acc_t>, acc_t>;
-  const auto first = [](const Sums& v) {
-    if constexpr (kPair) return v.first;
-    else return v;
-  };
-  const auto second = [](const Sums& v) {
-    if constexpr (kPair) return v.second;
-    else return acc_t(0);
-  };
+std::pair<double, double> sums_over_spans(int64_t o0, int64_t o1, int64_t len, const Offset& offset, F f) {
+  using Sums = std::pair<acc_t, acc_t>;
   const auto sum4 = [f](int64_t r0, int64_t r1, int64_t r2, int64_t r3, int64_t j) {
     const Sums v0 = f(r0 + j), v1 = f(r1 + j), v2 = f(r2 + j), v3 = f(r3 + j);
-    if constexpr (kPair) {
-      return Sums((v0.first + v1.first) + (v2.first + v3.first), (v0.second + v1.second) + (v2.second + v3.second));
-    } else {
-      return (v0 + v1) + (v2 + v3);
-    }
+    return Sums((v0.first + v1.first) + (v2.first + v3.first), (v0.second + v1.second) + (v2.second + v3.second));
   };
   double t1 = 0, t2 = 0;
   if (len > kColumnSumMaxSpan || o1 - o0 < 2) {
@@ -57,23 +43,23 @@ auto sums_over_spans(int64_t o0, int64_t o1, int64_t len, const Offset& offset, 
 #pragma omp simd reduction(+ : s1, s2)
       for (int64_t j = 0; j < q; ++j) {
         const Sums v = sum4(b, b + q, b + 2 * q, b + 3 * q, j);
-        s1 += first(v);
-        if constexpr (kPair) s2 += second(v);
+        s1 += v.first;
+        s2 += v.second;
       }
       for (int64_t i = b + 4 * q; i < b + len; ++i) {
         const Sums v = f(i);
-        s1 += first(v);
-        if constexpr (kPair) s2 += second(v);
+        s1 += v.first;
+        s2 += v.second;
       }
       t1 += s1;
       t2 += s2;
     }
   } else {
-    alignas(64) acc_t col1[kColumnSumMaxSpan], col2[kPair ? kColumnSumMaxSpan : 1];
+    alignas(64) acc_t col1[kColumnSumMaxSpan], col2[kColumnSumMaxSpan];
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
       col1[j] = 0;
-      if constexpr (kPair) col2[j] = 0;
+      col2[j] = 0;
     }
     int64_t o = o0;
     for (; o + 4 <= o1; o += 4) {
@@ -81,8 +67,8 @@ auto sums_over_spans(int64_t o0, int64_t o1, int64_t len, const Offset& offset, 
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
         const Sums v = sum4(b0, b1, b2, b3, j);
-        col1[j] += first(v);
-        if constexpr (kPair) col2[j] += second(v);
+        col1[j] += v.first;
+        col2[j] += v.second;
       }
     }
     for (; o < o1; ++o) {
@@ -90,24 +76,20 @@ auto sums_over_spans(int64_t o0, int64_t o1, int64_t len, const Offset& offset, 
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
         const Sums v = f(b + j);
-        col1[j] += first(v);
-        if constexpr (kPair) col2[j] += second(v);
+        col1[j] += v.first;
+        col2[j] += v.second;
       }
     }
     acc_t s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
     for (int64_t j = 0; j < len; ++j) {
       s1 += col1[j];
-      if constexpr (kPair) s2 += col2[j];
+      s2 += col2[j];
     }
     t1 = s1;
     t2 = s2;
   }
-  if constexpr (kPair) {
-    return std::pair<double, double>(t1, t2);
-  } else {
-    return t1;
-  }
+  return {t1, t2};
 }
 
 // The C values of a 1-D tensor of any floating dtype as T, or C copies of `fill` if it is undefined.
