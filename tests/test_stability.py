@@ -54,3 +54,14 @@ def test_first_value_far_from_the_mean(memory_format):
     exact_m2 = ((x.double() - exact.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
     assert ((mean.double() - exact).abs() <= torch.finfo(torch.float32).eps * 1e3).all()
     torch.testing.assert_close(m2.double(), exact_m2, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_squared_deviations_from_the_first_value_overflow(memory_format):
+    # Values ±5e18: around the first value the squared deviations add up past the float32 range (Σd² = 4e38),
+    # around the mean they do not (M2 = 2e38, the largest float32 is 3.4e38).
+    x = torch.empty(2, 3, 2, 2)
+    x[0], x[1] = 5e18, -5e18
+    mean, m2 = torch.ops.fusedbn.batch_stats(x.contiguous(memory_format=memory_format))
+    torch.testing.assert_close(mean, torch.zeros(3), rtol=0, atol=5e18 * 2**-23)
+    torch.testing.assert_close(m2, torch.full((3,), 2e38), rtol=1e-6, atol=0)
