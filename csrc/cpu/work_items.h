@@ -21,6 +21,8 @@ constexpr int64_t kRowItemElems = 65536; // interleaved items: rows × channels 
                                          // stays in L2 between its two passes; fewer, larger items mean fewer
                                          // per-channel merges, which dominated small channels_last tensors)
 constexpr int64_t kGrainElems = 131072;  // elements below which a loop is not worth a thread
+constexpr int64_t kChannelGrainElems = 16384;  // the same for the channel-at-a-time passes, which do more work
+                                               // per element (fork and join cost about 2 µs)
 
 // Planar layouts (inner > 1): an item is a run of whole spans of one channel, or a piece of one span.
 // A span is the `inner` contiguous values of channel c in outer index o.
@@ -89,8 +91,8 @@ inline int64_t rows_per_item(const Layout& l) {
   return items > 0 ? (l.outer + items - 1) / items : most;
 }
 
-inline int64_t grain_items(int64_t item_elems) {
-  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(item_elems, 1));
+inline int64_t grain_items(int64_t item_elems, int64_t grain_elems = kGrainElems) {
+  return std::max<int64_t>(1, grain_elems / std::max<int64_t>(item_elems, 1));
 }
 
 // Whether to run a pass one channel at a time (NCHW only), which reads the data from memory once instead of
