@@ -13,6 +13,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace fusedbn::cpu {
 namespace detail {
 
@@ -75,6 +79,33 @@ inline c10::Half from_opmath<c10::Half>(float v) {
   return c10::Half(static_cast<uint16_t>(h | (sign >> 16)), c10::Half::from_bits());
 }
 
+// dst[j] = from_opmath<scalar_t>(src[j]) for j in [0, n).
+template <typename scalar_t>
+inline void convert_from_opmath(const at::opmath_type<scalar_t>* __restrict__ src, scalar_t* __restrict__ dst,
+                                int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX2__)
+  // bfloat16, 16 values per step in fewer instructions than gcc's vectorisation of from_opmath (which masks each
+  // value to 16 bits and builds the NaN mask with a second pack): round to nearest even, NaN → 0x7FC0, then
+  // packus_epi32, which packs within 128-bit lanes, and a permutation of the 64-bit quarters back into order.
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF), nan = _mm256_set1_epi32(0x7FC0);
+    const auto round = [&](__m256 v) {
+      const __m256i bits = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, bias), lsb), 16);
+      return _mm256_blendv_epi8(rounded, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    };
+    for (; j + 16 <= n; j += 16) {
+      const __m256i packed = _mm256_packus_epi32(round(_mm256_loadu_ps(src + j)), round(_mm256_loadu_ps(src + j + 8)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm256_permute4x64_epi64(packed, 0xD8));
+    }
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = j; i < n; ++i) dst[i] = from_opmath<scalar_t>(src[i]);
+}
+
 // y[b·len + j] = from_opmath<scalar_t>(block_fn(b)(j)) for b in [0, blocks) and j in [0, len), vectorised over j;
 // block_fn(b) returns block b's functor, its coefficients captured as values. For 16-bit outputs the float values
 // pass through a small buffer in L1, filled from as many blocks as fit and converted in one loop: converting in
@@ -96,8 +127,7 @@ inline void store_converted_blocks(scalar_t* __restrict__ y, int64_t blocks, int
     opmath_t buf[kChunk];
     int64_t filled = 0;
     const auto flush = [&] {
-#pragma omp simd
-      for (int64_t j = 0; j < filled; ++j) y[j] = from_opmath<scalar_t>(buf[j]);
+      convert_from_opmath(buf, y, filled);
       y += filled;
       filled = 0;
     };
