@@ -209,7 +209,8 @@ void backward_by_channel_typed(const NormInputs& in, const at::Tensor& grad_outp
   const GradWriter<scalar_t, A, kResidual> writer(in, grad_output, grad_input, grad_residual);
   stats_t* s1 = sums.sum_dy.mutable_data_ptr<stats_t>();
   stats_t* s2 = sums.sum_dy_xmu.mutable_data_ptr<stats_t>();
-  at::parallel_for(0, l.channels, grain_items(l.count_per_channel(), kChannelGrainElems), [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_items(l.count_per_channel(), kChannelGrainElems);
+  at::parallel_for(0, l.channels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       SumPair acc{0, 0};
       for (int64_t i = 0; i < items.per_channel; ++i) {
