@@ -125,12 +125,13 @@ def test_half_precision_rounding_matches_torch(dtype, memory_format):
                             info.tiny / 4, -info.tiny / 3, info.eps, 1.0, -1.0])
     x = torch.cat([special, torch.randn(5000) * torch.logspace(-9, 4, 5000)]).to(dtype)
     x = x[: x.numel() // 13 * 13].reshape(1, 13, -1, 1)
-    weight = torch.randn(13) * torch.logspace(-2, 3, 13)  # scales some values into overflow and subnormals
-    # Exact ties: ±2^k·(1 + eps/2) lies halfway between two 16-bit values and rounds down to the even one,
-    # ±2^k·(1 + 1.5·eps) halfway too and rounds up (random products are almost never ties).
+    weight = torch.randn(13) * torch.logspace(-2, 3, 13)  # scales float16 values into overflow and subnormals
+    # Exact ties, which random products almost never are: ±2^k·(1 + eps/2) lies halfway between two 16-bit
+    # values and rounds down to the even one, ±2^k·(1 + 1.5·eps) rounds up. Channel 0 (the special values) gets
+    # the first weight too: max·(1 + eps/2) is finite in float32 and rounds to Inf, and tiny/4 stays subnormal.
     powers = torch.tensor([2.0 ** k for k in range(-12, 12)])
-    x[0, :2, :48, 0] = torch.cat([powers, -powers]).to(dtype)
-    weight[:2] = torch.tensor([1 + info.eps / 2, 1 + 1.5 * info.eps])
+    x[0, 1:3, :48, 0] = torch.cat([powers, -powers]).to(dtype)
+    weight[:3] = torch.tensor([1 + info.eps / 2, 1 + info.eps / 2, 1 + 1.5 * info.eps])
     x = x.contiguous(memory_format=memory_format)
     eps = 2.0 ** -10
     y = fused_batch_norm(x, torch.zeros(13), torch.full((13,), 1 - eps), weight, None, training=False, eps=eps)
