@@ -140,6 +140,23 @@ def test_half_precision_rounding_matches_torch(dtype, memory_format):
     assert torch.equal(y.isnan(), expected.isnan())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("channels", [5, 21])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5), (4, 4), (1, 17), (7, 7)], ids=str)
+def test_half_precision_output_for_every_span_length(dtype, memory_format, channels, hw):
+    # 16-bit outputs are converted 16 values at a time with a scalar tail, or, for spans (channels_last: rows of
+    # `channels` values) shorter than 16, through a buffer shared by several spans. Every path must give torch's
+    # rounding of the float result: with mean 0, var + eps = 1 and no bias that is relu(x·weight), rounded once.
+    x = random_input((7, channels) + hw, dtype, memory_format, requires_grad=False)
+    weight = torch.randn(channels) * 3
+    eps = 2.0 ** -10
+    y = fused_batch_norm(x, torch.zeros(channels), torch.full((channels,), 1 - eps), weight, None, training=False,
+                         eps=eps, activation="relu")
+    expected = torch.relu(x.float() * weight.view(1, -1, 1, 1)).to(dtype)
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_large_count_single_channel(dtype):
     # One channel with 2^21 values: many work items merged per channel.
