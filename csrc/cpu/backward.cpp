@@ -209,8 +209,7 @@ void backward_by_channel_typed(const NormInputs& in, const at::Tensor& grad_outp
   const GradWriter<scalar_t, A, kResidual> writer(in, grad_output, grad_input, grad_residual);
   stats_t* s1 = sums.sum_dy.mutable_data_ptr<stats_t>();
   stats_t* s2 = sums.sum_dy_xmu.mutable_data_ptr<stats_t>();
-  const int64_t grain = grain_items(l.count_per_channel(), kChannelGrainElems);
-  at::parallel_for(0, l.channels, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, l.channels, channel_grain(l), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       SumPair acc{0, 0};
       for (int64_t i = 0; i < items.per_channel; ++i) {

@@ -21,8 +21,6 @@ constexpr int64_t kRowItemElems = 65536; // interleaved items: rows × channels 
                                          // stays in L2 between its two passes; fewer, larger items mean fewer
                                          // per-channel merges, which dominated small channels_last tensors)
 constexpr int64_t kGrainElems = 131072;  // elements below which a loop is not worth a thread
-constexpr int64_t kChannelGrainElems = 16384;  // the same for the channel-at-a-time passes, which do more work
-                                               // per element (fork and join cost about 2 µs)
 
 // Planar layouts (inner > 1): an item is a run of whole spans of one channel, or a piece of one span.
 // A span is the `inner` contiguous values of channel c in outer index o.
@@ -91,8 +89,8 @@ inline int64_t rows_per_item(const Layout& l) {
   return items > 0 ? (l.outer + items - 1) / items : most;
 }
 
-inline int64_t grain_items(int64_t item_elems, int64_t grain_elems = kGrainElems) {
-  return std::max<int64_t>(1, grain_elems / std::max<int64_t>(item_elems, 1));
+inline int64_t grain_items(int64_t item_elems) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(item_elems, 1));
 }
 
 // Whether to run a pass one channel at a time (NCHW only), which reads the data from memory once instead of
@@ -112,6 +110,14 @@ inline bool channel_at_a_time(const Layout& l, int64_t element_bytes, int64_t te
   if (l.inner <= 1 || l.channels < 2 || channel_bytes > kL2Bytes) return false;
   if (l.inner * element_bytes < kPageBytes && data_bytes > kL2Bytes) return false;
   return l.channels >= kChannelsPerThread * at::get_num_threads() || data_bytes >= kL3ResidentBytes;
+}
+
+// Channels per thread in a channel-at-a-time pass: at least 16 384 values each. These passes do more work per
+// value than a single elementwise loop, so they are worth a thread sooner (kGrainElems made 65 536-value tensors
+// slower); a grain of one channel woke the thread pool for every tiny tensor (fork and join cost about 2 µs).
+inline int64_t channel_grain(const Layout& l) {
+  constexpr int64_t kChannelGrainElems = 16384;
+  return std::max<int64_t>(1, kChannelGrainElems / std::max<int64_t>(l.count_per_channel(), 1));
 }
 
 // Interleaved rows are reduced in blocks of kChannelBlock channels whose accumulators stay in registers
