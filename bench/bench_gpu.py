@@ -4,6 +4,10 @@ Forward in training mode, backward alone, and a BN+ReLU training step; NCHW and 
 bfloat16. Achieved bandwidth = bytes that must move ÷ time (forward: 3 passes over the tensor — read x for the
 statistics, read x and write y; backward: 5 — read x and dy for the sums, read them again and write dx),
 reported as a fraction of a device-to-device copy (2 passes) measured in the same run.
+
+Each timing spans one call between two events, so on small shapes it is the CPU's time to launch the call's
+kernels. The step is also timed queued: 10 steps back to back between two events, as a training loop runs, where
+the time per step is the larger of the CPU's launch time and the GPU's kernel time.
 """
 
 import argparse
@@ -36,27 +40,50 @@ def cuda_time(fn, repeats):
     return statistics.median(times)
 
 
-def profile_kernels(path, shape=(64, 256, 56, 56)):
-    """Per-kernel CUDA time of a fusedbn and an nn BN+ReLU training step (forward + backward), 10 steps each."""
+def cuda_time_queued(fn, repeats, calls=10):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3 / calls)
+    return statistics.median(times)
+
+
+def profile_kernels(path):
+    """Per-kernel CUDA time of a fusedbn and an nn BN+ReLU training step (forward + backward), 10 steps each, on a
+    large shape; on a small one, where the CPU bounds the step, the CPU time of each op as well."""
+    with open(path, "w") as f:
+        profile_shape(f, (64, 256, 56, 56), cpu=False)
+        profile_shape(f, (64, 2048, 7, 7), cpu=True)
+
+
+def profile_shape(f, shape, cpu):
     from torch.profiler import ProfilerActivity, profile
 
-    with open(path, "w") as f:
-        for dtype in (torch.float32, torch.bfloat16):
-            for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
-                x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt).requires_grad_()
-                g = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
-                for name, m in (("fusedbn", fusedbn.FusedBatchNorm2d(shape[1], activation="relu")),
-                                ("nn", nn.Sequential(nn.BatchNorm2d(shape[1]), nn.ReLU()))):
-                    m = m.cuda()
-                    for _ in range(3):
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
+    sort_by = "self_cpu_time_total" if cpu else "device_time_total"
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt).requires_grad_()
+            g = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+            for name, m in (("fusedbn", fusedbn.FusedBatchNorm2d(shape[1], activation="relu")),
+                            ("nn", nn.Sequential(nn.BatchNorm2d(shape[1]), nn.ReLU()))):
+                m = m.cuda()
+                for _ in range(3):
+                    m(x).backward(g)
+                torch.cuda.synchronize()
+                with profile(activities=activities) as prof:
+                    for _ in range(10):
                         m(x).backward(g)
                     torch.cuda.synchronize()
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        for _ in range(10):
-                            m(x).backward(g)
-                        torch.cuda.synchronize()
-                    f.write(f"## {name} {str(dtype)[6:]} {shape} {fmt_name} (10 steps)\n")
-                    f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=12) + "\n")
+                f.write(f"## {name} {str(dtype)[6:]} {shape} {fmt_name} (10 steps)\n")
+                f.write(prof.key_averages().table(sort_by=sort_by, row_limit=16) + "\n")
 
 
 def main():
@@ -64,7 +91,7 @@ def main():
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default=None)
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--profile", default=None, help="write per-kernel CUDA times of one shape to this file")
+    p.add_argument("--profile", default=None, help="write per-kernel CUDA times of two shapes to this file")
     args = p.parse_args()
     dev = torch.device("cuda")
     if args.profile:
@@ -74,8 +101,9 @@ def main():
     lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}. Median of {args.repeats} runs "
              "(CUDA events). bw = bytes that must move / time, as a fraction of a device copy.", "",
              "| dtype | shape | format | copy GB/s | fwd fusedbn ms (bw) | fwd nn ms | bwd fusedbn ms (bw) | "
-             "bwd nn ms | step fusedbn ms | step nn ms | step compile ms | step nn/fusedbn |",
-             "|" + "---|" * 12]
+             "bwd nn ms | step fusedbn ms | step nn ms | step compile ms | step nn/fusedbn | queued step fusedbn ms | "
+             "queued step nn ms | queued nn/fusedbn |",
+             "|" + "---|" * 15]
     for dtype in (torch.float32, torch.bfloat16):
         for shape in SHAPES:
             for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
@@ -99,6 +127,8 @@ def main():
                 step = lambda m: torch.autograd.grad(m(xg), [xg] + list(m.parameters()), g)  # noqa: E731
                 t_step = cuda_time(lambda: step(fbr), args.repeats)
                 t_step_nn = cuda_time(lambda: step(refr), args.repeats)
+                t_queued = cuda_time_queued(lambda: step(fbr), args.repeats // 3)
+                t_queued_nn = cuda_time_queued(lambda: step(refr), args.repeats // 3)
                 t_step_c = float("nan")
                 if not args.no_compile and shape in COMPILE_SHAPES:
                     compiled = torch.compile(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()).to(dev))
@@ -108,7 +138,8 @@ def main():
                 lines.append(
                     f"| {str(dtype)[6:]} | {shape} | {fmt_name} | {copy_bw / 1e9:.0f} | {t_fwd * 1e3:.3f} ({bw_f:.0%}) | "
                     f"{t_fwd_nn * 1e3:.3f} | {t_bwd * 1e3:.3f} ({bw_b:.0%}) | {t_bwd_nn * 1e3:.3f} | "
-                    f"{t_step * 1e3:.3f} | {t_step_nn * 1e3:.3f} | {t_step_c * 1e3:.3f} | {t_step_nn / t_step:.2f} |")
+                    f"{t_step * 1e3:.3f} | {t_step_nn * 1e3:.3f} | {t_step_c * 1e3:.3f} | {t_step_nn / t_step:.2f} | "
+                    f"{t_queued * 1e3:.3f} | {t_queued_nn * 1e3:.3f} | {t_queued_nn / t_queued:.2f} |")
                 print(lines[-1], flush=True)
                 del x, g, xg, y_f, y_n
                 torch.cuda.empty_cache()
