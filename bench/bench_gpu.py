@@ -7,7 +7,8 @@ reported as a fraction of a device-to-device copy (2 passes) measured in the sam
 
 Each timing spans one call between two events, so on small shapes it is the CPU's time to launch the call's
 kernels. The step is also timed queued: 10 steps back to back between two events, as a training loop runs, where
-the time per step is the larger of the CPU's launch time and the GPU's kernel time.
+the time per step is the larger of the CPU's launch time and the GPU's kernel time, and captured in a CUDA graph
+and replayed (10 replays back to back), which takes the CPU out: the GPU's time per step.
 """
 
 import argparse
@@ -53,6 +54,20 @@ def cuda_time_queued(fn, repeats, calls=10):
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e-3 / calls)
     return statistics.median(times)
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream, as torch.cuda.graph requires): its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def profile_kernels(path):
@@ -102,8 +117,8 @@ def main():
              "(CUDA events). bw = bytes that must move / time, as a fraction of a device copy.", "",
              "| dtype | shape | format | copy GB/s | fwd fusedbn ms (bw) | fwd nn ms | bwd fusedbn ms (bw) | "
              "bwd nn ms | step fusedbn ms | step nn ms | step compile ms | step nn/fusedbn | queued step fusedbn ms | "
-             "queued step nn ms | queued nn/fusedbn |",
-             "|" + "---|" * 15]
+             "queued step nn ms | queued nn/fusedbn | graphed step fusedbn ms | graphed step nn ms | graphed nn/fusedbn |",
+             "|" + "---|" * 18]
     for dtype in (torch.float32, torch.bfloat16):
         for shape in SHAPES:
             for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
@@ -129,6 +144,8 @@ def main():
                 t_step_nn = cuda_time(lambda: step(refr), args.repeats)
                 t_queued = cuda_time_queued(lambda: step(fbr), args.repeats // 3)
                 t_queued_nn = cuda_time_queued(lambda: step(refr), args.repeats // 3)
+                t_graph = cuda_time_queued(graphed(lambda: step(fbr)), args.repeats // 3)
+                t_graph_nn = cuda_time_queued(graphed(lambda: step(refr)), args.repeats // 3)
                 t_step_c = float("nan")
                 if not args.no_compile and shape in COMPILE_SHAPES:
                     compiled = torch.compile(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()).to(dev))
@@ -139,7 +156,8 @@ def main():
                     f"| {str(dtype)[6:]} | {shape} | {fmt_name} | {copy_bw / 1e9:.0f} | {t_fwd * 1e3:.3f} ({bw_f:.0%}) | "
                     f"{t_fwd_nn * 1e3:.3f} | {t_bwd * 1e3:.3f} ({bw_b:.0%}) | {t_bwd_nn * 1e3:.3f} | "
                     f"{t_step * 1e3:.3f} | {t_step_nn * 1e3:.3f} | {t_step_c * 1e3:.3f} | {t_step_nn / t_step:.2f} | "
-                    f"{t_queued * 1e3:.3f} | {t_queued_nn * 1e3:.3f} | {t_queued_nn / t_queued:.2f} |")
+                    f"{t_queued * 1e3:.3f} | {t_queued_nn * 1e3:.3f} | {t_queued_nn / t_queued:.2f} | "
+                    f"{t_graph * 1e3:.3f} | {t_graph_nn * 1e3:.3f} | {t_graph_nn / t_graph:.2f} |")
                 print(lines[-1], flush=True)
                 del x, g, xg, y_f, y_n
                 torch.cuda.empty_cache()
