@@ -139,6 +139,9 @@ def main():
                 y_f, y_n = fb(xg), ref(xg)
                 t_bwd = cuda_time(lambda: torch.autograd.grad(y_f, [xg], g, retain_graph=True), args.repeats)
                 t_bwd_nn = cuda_time(lambda: torch.autograd.grad(y_n, [xg], g, retain_graph=True), args.repeats)
+                # The retained graphs keep xg's gradient accumulator, made on the default stream, alive: a CUDA
+                # graph capture on another stream cannot then accumulate into it.
+                del y_f, y_n
                 step = lambda m: torch.autograd.grad(m(xg), [xg] + list(m.parameters()), g)  # noqa: E731
                 t_step = cuda_time(lambda: step(fbr), args.repeats)
                 t_step_nn = cuda_time(lambda: step(refr), args.repeats)
@@ -159,7 +162,7 @@ def main():
                     f"{t_queued * 1e3:.3f} | {t_queued_nn * 1e3:.3f} | {t_queued_nn / t_queued:.2f} | "
                     f"{t_graph * 1e3:.3f} | {t_graph_nn * 1e3:.3f} | {t_graph_nn / t_graph:.2f} |")
                 print(lines[-1], flush=True)
-                del x, g, xg, y_f, y_n
+                del x, g, xg
                 torch.cuda.empty_cache()
     text = "\n".join(lines)
     if args.out:
