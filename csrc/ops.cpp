@@ -288,7 +288,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   GradSums sums;
   Tensor grad_input = empty_in_format(a.x, a.format), grad_residual = grad_residual_like(a);
   if (count.has_value() || w.defined() || b.defined()) {
-    sums = {channel_empty(a.x), channel_empty(a.x)};
+    sums = {channel_empty(a.x), channel_empty(a.x), channel_empty(a.x)};
     const bool fused = backend.backward_fused != nullptr &&
                        backend.backward_fused(in, a.dy, sums, count, grad_input, grad_residual);
     if (!fused) {
@@ -301,7 +301,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   }
   Tensor grad_weight, grad_bias;
   if (sums.sum_dy.defined()) {
-    grad_weight = (sums.sum_dy_xmu * invstd).to(w.defined() ? w.scalar_type() : invstd.scalar_type());
+    grad_weight = sums.grad_weight.to(w.defined() ? w.scalar_type() : invstd.scalar_type());
     grad_bias = sums.sum_dy.to(b.defined() ? b.scalar_type() : invstd.scalar_type());
   }
   return {grad_input, or_empty(grad_residual, a.x), or_empty(grad_weight, invstd), or_empty(grad_bias, invstd)};

@@ -175,6 +175,35 @@ def test_compile_cuda():
 
 
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "cl"])
+def test_statistics_and_weight_gradient_written_by_the_merges_cuda(memory_format):
+    """forward_train writes the normalisation statistics in the kernel that merges the moments, and backward the
+    weight gradient in the one that merges its sums: the moments are bitwise batch_stats', the statistics those of
+    the formula (with and without a prior), and the weight gradient bitwise sum_dy_xmu·invstd."""
+    ops = torch.ops.fusedbn
+    shape = (8, 40, 9, 7)
+    n = shape[0] * shape[2] * shape[3]
+    x = random_input(shape, torch.float32, memory_format, device="cuda", requires_grad=False)
+    dy = torch.randn_like(x)
+    w, b = torch.rand(40, device="cuda") + 0.5, torch.randn(40, device="cuda")
+    prior_mean, prior_var = torch.randn(40, device="cuda"), torch.rand(40, device="cuda") + 0.5
+    for prior in (0.0, 300.0):
+        _, mean, invstd, batch_mean, batch_m2 = ops.forward_train(x, w, b, None, prior_mean, prior_var, prior, 1e-5,
+                                                                  "relu", 0.0)
+        separate_mean, separate_m2 = ops.batch_stats(x)
+        assert torch.equal(batch_mean, separate_mean) and torch.equal(batch_m2, separate_m2)
+        # Chan's merge of the batch moments with `prior` pseudo-samples at (prior_mean, prior_var), in float64.
+        m, m2, p = batch_mean.double(), batch_m2.double(), prior
+        delta = prior_mean.double() - m
+        expected_mean = m + delta * p / (n + p)
+        expected_var = (m2 + p * prior_var.double() + delta * delta * n * p / (n + p)) / (n + p)
+        torch.testing.assert_close(mean, expected_mean.float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(invstd, (expected_var + 1e-5).rsqrt().float(), rtol=1e-6, atol=0)
+    _, mean, invstd, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
+    _, _, dw, db = ops.backward(dy, x, None, mean, invstd, w, b, float(n), "relu", 0.0)
+    s1, s2 = ops.backward_reduce(dy, x, None, mean, invstd, w, b, "relu", 0.0)
+    assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd)
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "cl"])
 def test_cuda_graph_replay_matches_eager(memory_format):
     """A training step (forward, backward, running-statistics update) captured in a CUDA graph and replayed on new
     inputs gives bitwise what the same steps give eagerly. Capture also fails if any kernel is launched on a

@@ -153,3 +153,18 @@ def test_channel_at_a_time_backward_equals_the_separate_kernels(act):
     dx_separate, _ = ops.backward_elemt(dy, x, None, mean, invstd, w, b, s1, s2, count, act, 0.0)
     assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd)
     assert torch.equal(dx, dx_separate)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_weight_gradient_is_the_stored_sum_times_invstd(dtype, memory_format):
+    # The backward's reduction writes grad_weight itself; it must be bitwise sum_dy_xmu·invstd of the stored values
+    # (what backward_reduce returns), on the separate-kernel path that these shapes take.
+    ops = torch.ops.fusedbn
+    x = random_input((6, 10, 5, 7), dtype, memory_format, requires_grad=False)
+    dy = torch.randn_like(x)
+    w, b = torch.rand(10, dtype=dtype) + 0.5, torch.randn(10, dtype=dtype)
+    _, mean, invstd, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
+    _, _, dw, db = ops.backward(dy, x, None, mean, invstd, w, b, float(6 * 5 * 7), "relu", 0.0)
+    s1, s2 = ops.backward_reduce(dy, x, None, mean, invstd, w, b, "relu", 0.0)
+    assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd)

@@ -37,10 +37,13 @@ struct NormInputs {
 };
 
 // The per-channel reductions of the backward pass, over the activation-masked gradient
-// g = dy·act'(pre): sum_dy = Σg, sum_dy_xmu = Σg·(x − mean).
+// g = dy·act'(pre): sum_dy = Σg, sum_dy_xmu = Σg·(x − mean). Where grad_weight is defined, the reduction
+// also writes the weight's gradient into it: sum_dy_xmu·invstd, rounded as the product of the two stored
+// per-channel values.
 struct GradSums {
   at::Tensor sum_dy;
   at::Tensor sum_dy_xmu;
+  at::Tensor grad_weight;
 };
 
 // The kernels one device provides. Outputs are preallocated by the caller.

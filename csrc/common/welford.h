@@ -3,6 +3,8 @@
 
 #include <c10/macros/Macros.h>
 
+#include <cmath>
+
 namespace fusedbn {
 
 // M2 is the sum of squared deviations from the mean: Σ(x − mean)².
@@ -44,6 +46,20 @@ C10_HOST_DEVICE inline Moments<acc_t> blend_with_prior(
   Moments<acc_t> merged = chan_merge(batch, prior);
   if (merged.m2 < acc_t(0)) merged.m2 = acc_t(0);
   return merged;
+}
+
+// What normalises a channel in training: the mean and invstd = 1/sqrt(var + eps) of its batch moments (`count`
+// values), blended with prior_count pseudo-samples at (prior_mean, prior_var) when prior_count > 0.
+struct NormStats {
+  double mean;
+  double invstd;
+};
+
+C10_HOST_DEVICE inline NormStats norm_stats(double count, double batch_mean, double batch_m2, double prior_mean,
+                                            double prior_var, double prior_count, double eps) {
+  Moments<double> s{count, batch_mean, batch_m2};
+  if (prior_count > 0) s = blend_with_prior(s, prior_mean, prior_var, prior_count);
+  return {s.mean, 1.0 / ::sqrt(s.m2 / s.count + eps)};
 }
 
 // Exponential moving average as nn.BatchNorm2d computes it: (1 − f)·running + f·batch.

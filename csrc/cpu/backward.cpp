@@ -111,6 +111,18 @@ std::pair<opmath_t, opmath_t> grad_corrections(double weight, double invstd, dou
           static_cast<opmath_t>(scale * invstd * invstd * sum_dy_xmu / count)};
 }
 
+// grad_weight = sum_dy_xmu·invstd per channel where it is requested, from the stored values of both.
+void store_grad_weight(const GradSums& sums, const at::Tensor& invstd) {
+  if (!sums.grad_weight.defined()) return;
+  AT_DISPATCH_FLOATING_TYPES(sums.grad_weight.scalar_type(), "fusedbn_grad_weight", [&] {
+    const int64_t C = sums.grad_weight.size(0);
+    const auto inv = channel_vector<scalar_t>(invstd, C, scalar_t(0));
+    const scalar_t* s2 = sums.sum_dy_xmu.const_data_ptr<scalar_t>();
+    scalar_t* gw = sums.grad_weight.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) gw[c] = s2[c] * inv[c];
+  });
+}
+
 template <typename scalar_t, Activation A, bool kResidual>
 void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, GradSums& sums) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -153,6 +165,7 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
   }
   store_channel_vector(sums.sum_dy, s1);
   store_channel_vector(sums.sum_dy_xmu, s2);
+  store_grad_weight(sums, in.invstd);
 }
 
 template <typename scalar_t, Activation A, bool kResidual>
@@ -227,6 +240,7 @@ void backward_by_channel_typed(const NormInputs& in, const at::Tensor& grad_outp
       }
     }
   });
+  store_grad_weight(sums, in.invstd);
 }
 
 }  // namespace

@@ -4,8 +4,6 @@
 // roundings), so which path runs never changes a result.
 #include "kernels.h"
 
-#include <cmath>
-
 #include "moments.h"
 #include "normalize.h"
 
@@ -39,10 +37,10 @@ void forward_train_typed(const NormInputs& in, const at::Tensor& prior_mean, con
       for (int64_t k = 0; k < items.per_channel; ++k) s = chan_merge(s, span_item_moments(x, l, items.item(c, k)));
       bm[c] = static_cast<stats_t>(s.mean);
       bm2[c] = static_cast<stats_t>(s.m2);
-      Moments<double> stats{count, static_cast<double>(bm[c]), static_cast<double>(bm2[c])};
-      if (blend) stats = blend_with_prior(stats, pm[c], pv[c], prior_count);
+      const NormStats stats = norm_stats(count, static_cast<double>(bm[c]), static_cast<double>(bm2[c]), pm[c], pv[c],
+                                         prior_count, eps);
       mean[c] = static_cast<stats_t>(stats.mean);
-      invstd[c] = static_cast<stats_t>(1.0 / std::sqrt(stats.m2 / stats.count + eps));
+      invstd[c] = static_cast<stats_t>(stats.invstd);
       const opmath_t scale = static_cast<opmath_t>(static_cast<double>(invstd[c]) * weight[c]);
       for (int64_t k = 0; k < items.per_channel; ++k) {
         norm.span_item(l, items.item(c, k), static_cast<opmath_t>(mean[c]), scale, shift[c]);

@@ -19,10 +19,9 @@ void batch_norm_stats(const at::Tensor& batch_mean, const at::Tensor& batch_m2, 
   const auto pv = channel_vector<double>(blend ? prior_var : at::Tensor(), C, 0.0);
   std::vector<double> out_mean(C), out_invstd(C);
   for (int64_t c = 0; c < C; ++c) {
-    const Moments<double> batch{static_cast<double>(count), bm[c], bm2[c]};
-    const auto s = blend ? blend_with_prior(batch, pm[c], pv[c], prior_count) : batch;
+    const NormStats s = norm_stats(static_cast<double>(count), bm[c], bm2[c], pm[c], pv[c], prior_count, eps);
     out_mean[c] = s.mean;
-    out_invstd[c] = 1.0 / std::sqrt(s.m2 / s.count + eps);
+    out_invstd[c] = s.invstd;
   }
   store_channel_vector(mean, out_mean);
   store_channel_vector(invstd, out_invstd);

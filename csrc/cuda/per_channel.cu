@@ -14,12 +14,12 @@ __global__ void batch_norm_stats_kernel(const A* batch_mean, const A* batch_m2, 
                                         A* mean, A* invstd) {
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < channels;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    Moments<double> s{count, static_cast<double>(batch_mean[c]), static_cast<double>(batch_m2[c])};
-    if (prior_count > 0) {
-      s = blend_with_prior(s, static_cast<double>(prior_mean[c]), static_cast<double>(prior_var[c]), prior_count);
-    }
+    const bool blend = prior_count > 0;
+    const NormStats s = norm_stats(count, static_cast<double>(batch_mean[c]), static_cast<double>(batch_m2[c]),
+                                   blend ? static_cast<double>(prior_mean[c]) : 0.0,
+                                   blend ? static_cast<double>(prior_var[c]) : 0.0, prior_count, eps);
     mean[c] = static_cast<A>(s.mean);
-    invstd[c] = static_cast<A>(1.0 / ::sqrt(s.m2 / s.count + eps));
+    invstd[c] = static_cast<A>(s.invstd);
   }
 }
 

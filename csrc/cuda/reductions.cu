@@ -219,13 +219,38 @@ struct StoreMoments {
   }
 };
 
+// The batch moments as StoreMoments, and from them the normalisation statistics as batch_norm_stats: the
+// training forward's statistics without a kernel of their own.
+template <typename A>
+struct StoreMomentsAndNormStats {
+  StoreMoments<A> moments;
+  double count;
+  const A* prior_mean;  // both null when prior_count is 0
+  const A* prior_var;
+  double prior_count, eps;
+  A* mean;
+  A* invstd;
+  __device__ void operator()(int64_t c, const Moments<A>& s) const {
+    moments(c, s);
+    const NormStats n = norm_stats(count, static_cast<double>(moments.mean[c]), static_cast<double>(moments.m2[c]),
+                                   prior_mean ? static_cast<double>(prior_mean[c]) : 0.0,
+                                   prior_var ? static_cast<double>(prior_var[c]) : 0.0, prior_count, eps);
+    mean[c] = static_cast<A>(n.mean);
+    invstd[c] = static_cast<A>(n.invstd);
+  }
+};
+
+// The backward sums, and the weight gradient Σg·(x − mean)·invstd where grad_weight is not null.
 template <typename A>
 struct StoreSums {
   A* sum_dy;
   A* sum_dy_xmu;
+  const A* invstd;
+  A* grad_weight;
   __device__ void operator()(int64_t c, const SumPair<A>& s) const {
     sum_dy[c] = s.sum_dy;
     sum_dy_xmu[c] = s.sum_dy_xmu;
+    if (grad_weight != nullptr) grad_weight[c] = s.sum_dy_xmu * invstd[c];
   }
 };
 
@@ -320,6 +345,30 @@ void batch_moments(const at::Tensor& input, Layout layout, at::Tensor& mean, at:
   });
 }
 
+bool forward_train_fused(const NormInputs& in, const at::Tensor& prior_mean, const at::Tensor& prior_var,
+                         double prior_count, double eps, at::Tensor& batch_mean, at::Tensor& batch_m2,
+                         at::Tensor& output) {
+  const Layout l = in.layout;
+  if (l.numel() == 0) return false;
+  const c10::cuda::CUDAGuard guard(in.input.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "fusedbn_cuda_forward_train", [&] {
+    using A = acc_t<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<A>::value;
+    // The prior (running statistics, float or the input's dtype) in A: exact, since A holds every value of it.
+    const bool blend = prior_count > 0;
+    const at::Tensor pm = blend ? dense_as(prior_mean, acc) : at::Tensor();
+    const at::Tensor pv = blend ? dense_as(prior_var, acc) : at::Tensor();
+    const StoreMomentsAndNormStats<A> store{
+        {batch_mean.mutable_data_ptr<A>(), batch_m2.mutable_data_ptr<A>()}, static_cast<double>(l.count_per_channel()),
+        ptr_or_null<A>(pm), ptr_or_null<A>(pv), prior_count, eps, in.mean.mutable_data_ptr<A>(),
+        in.invstd.mutable_data_ptr<A>()};
+    reduce_per_channel(in.input, l, MomentsElement<scalar_t>{in.input.const_data_ptr<scalar_t>()}, store,
+                       {in.input.const_data_ptr()});
+  });
+  normalize(in, output);
+  return true;
+}
+
 void backward_reduce(const NormInputs& in, const at::Tensor& grad_output, GradSums& sums) {
   if (in.layout.channels == 0) return;
   const c10::cuda::CUDAGuard guard(in.input.device());
@@ -333,7 +382,9 @@ void backward_reduce(const NormInputs& in, const at::Tensor& grad_output, GradSu
       sums.sum_dy_xmu.zero_();
       return;
     }
-    const StoreSums<A> store{sums.sum_dy.mutable_data_ptr<A>(), sums.sum_dy_xmu.mutable_data_ptr<A>()};
+    const StoreSums<A> store{sums.sum_dy.mutable_data_ptr<A>(), sums.sum_dy_xmu.mutable_data_ptr<A>(),
+                             invstd.const_data_ptr<A>(),
+                             sums.grad_weight.defined() ? sums.grad_weight.mutable_data_ptr<A>() : nullptr};
     dispatch_activation(in.activation, [&](auto act) {
       constexpr Activation Act = decltype(act)::value;
       auto run = [&](auto residual) {

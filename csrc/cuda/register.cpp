@@ -8,7 +8,7 @@ namespace fusedbn::cuda {
 namespace {
 
 const Backend kCudaBackend{batch_moments,   batch_norm_stats, fixed_norm_stats,     normalize,
-                           backward_reduce, backward_elemt,   update_running_stats, nullptr,
+                           backward_reduce, backward_elemt,   update_running_stats, forward_train_fused,
                            nullptr};
 
 const bool kRegistered = (register_backend(c10::DeviceType::CUDA, &kCudaBackend), true);
