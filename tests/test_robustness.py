@@ -168,3 +168,17 @@ def test_weight_gradient_is_the_stored_sum_times_invstd(dtype, memory_format):
     _, _, dw, db = ops.backward(dy, x, None, mean, invstd, w, b, float(6 * 5 * 7), "relu", 0.0)
     s1, s2 = ops.backward_reduce(dy, x, None, mean, invstd, w, b, "relu", 0.0)
     assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd)
+
+
+def test_ops_on_an_empty_batch_give_zero_sums_and_gradients():
+    # Called directly (the modules return early for an empty batch): every per-channel output is written.
+    ops = torch.ops.fusedbn
+    x = torch.empty(0, 3, 4, 4)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    _, mean, invstd, batch_mean, batch_m2 = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
+    assert torch.equal(batch_mean, torch.zeros(3)) and torch.equal(batch_m2, torch.zeros(3))
+    # The statistics of no values are NaN (0/0); given finite ones, the backward's sums over no values are 0.
+    assert torch.isnan(invstd).all()
+    mean, invstd = torch.zeros(3), torch.ones(3)
+    dx, _, dw, db = ops.backward(torch.empty_like(x), x, None, mean, invstd, w, b, 1.0, "relu", 0.0)
+    assert dx.shape == x.shape and torch.equal(dw, torch.zeros(3)) and torch.equal(db, torch.zeros(3))

@@ -380,6 +380,7 @@ void backward_reduce(const NormInputs& in, const at::Tensor& grad_output, GradSu
     if (in.layout.numel() == 0) {
       sums.sum_dy.zero_();
       sums.sum_dy_xmu.zero_();
+      if (sums.grad_weight.defined()) sums.grad_weight.zero_();
       return;
     }
     const StoreSums<A> store{sums.sum_dy.mutable_data_ptr<A>(), sums.sum_dy_xmu.mutable_data_ptr<A>(),
