@@ -167,16 +167,13 @@ std::vector<Partial> reduce_per_channel(const Layout& l, Partial zero, const Spa
       }
     });
     per_channel = n_items;
-    // Regroup as [channel][item] so that the merge below reads one channel contiguously.
-    std::vector<Partial> by_channel(partials.size());
-    for (int64_t k = 0; k < n_items; ++k)
-      for (int64_t c = 0; c < C; ++c) by_channel[c * n_items + k] = partials[k * C + c];
-    partials.swap(by_channel);
   }
+  // Planar partials are [channel][item], interleaved ones [item][channel]; each channel merges in item order.
+  const int64_t channel_stride = l.inner > 1 ? per_channel : 1, item_stride = l.inner > 1 ? 1 : C;
   at::parallel_for(0, C, std::max<int64_t>(1, 4096 / per_channel), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       Partial acc = zero;
-      for (int64_t k = 0; k < per_channel; ++k) acc = merge(acc, partials[c * per_channel + k]);
+      for (int64_t k = 0; k < per_channel; ++k) acc = merge(acc, partials[c * channel_stride + k * item_stride]);
       result[c] = acc;
     }
   });
