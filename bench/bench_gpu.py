@@ -116,8 +116,9 @@ def main():
     lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}. Median of {args.repeats} runs "
              "(CUDA events). bw = bytes that must move / time, as a fraction of a device copy.", "",
              "| dtype | shape | format | copy GB/s | fwd fusedbn ms (bw) | fwd nn ms | bwd fusedbn ms (bw) | "
-             "bwd nn ms | step fusedbn ms | step nn ms | step compile ms | step nn/fusedbn | queued step fusedbn ms | "
-             "queued step nn ms | queued nn/fusedbn | graphed step fusedbn ms | graphed step nn ms | graphed nn/fusedbn |",
+             "bwd nn ms | step fusedbn ms | step nn ms | step compile ms | step nn/fusedbn | "
+             "queued step fusedbn ms | queued step nn ms | queued nn/fusedbn | "
+             "graphed step fusedbn ms | graphed step nn ms | graphed nn/fusedbn |",
              "|" + "---|" * 18]
     for dtype in (torch.float32, torch.bfloat16):
         for shape in SHAPES:
@@ -156,7 +157,8 @@ def main():
                 bw_f = 3 * nbytes / t_fwd / copy_bw
                 bw_b = 5 * nbytes / t_bwd / copy_bw
                 lines.append(
-                    f"| {str(dtype)[6:]} | {shape} | {fmt_name} | {copy_bw / 1e9:.0f} | {t_fwd * 1e3:.3f} ({bw_f:.0%}) | "
+                    f"| {str(dtype)[6:]} | {shape} | {fmt_name} | {copy_bw / 1e9:.0f} | "
+                    f"{t_fwd * 1e3:.3f} ({bw_f:.0%}) | "
                     f"{t_fwd_nn * 1e3:.3f} | {t_bwd * 1e3:.3f} ({bw_b:.0%}) | {t_bwd_nn * 1e3:.3f} | "
                     f"{t_step * 1e3:.3f} | {t_step_nn * 1e3:.3f} | {t_step_c * 1e3:.3f} | {t_step_nn / t_step:.2f} | "
                     f"{t_queued * 1e3:.3f} | {t_queued_nn * 1e3:.3f} | {t_queued_nn / t_queued:.2f} | "

@@ -203,6 +203,7 @@ def test_statistics_and_weight_gradient_written_by_the_merges_cuda(memory_format
     s1, s2 = ops.backward_reduce(dy, x, None, mean, invstd, w, b, "relu", 0.0)
     assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd)
 
+
 def test_ops_on_an_empty_batch_cuda():
     ops = torch.ops.fusedbn
     x = torch.empty(0, 3, 4, 4, device="cuda")
@@ -213,6 +214,7 @@ def test_ops_on_an_empty_batch_cuda():
     mean, invstd = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
     dx, _, dw, db = ops.backward(torch.empty_like(x), x, None, mean, invstd, w, b, 1.0, "relu", 0.0)
     assert dx.shape == x.shape and torch.equal(dw.cpu(), torch.zeros(3)) and torch.equal(db.cpu(), torch.zeros(3))
+
 
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "cl"])
 def test_cuda_graph_replay_matches_eager(memory_format):
