@@ -27,22 +27,11 @@ SHAPES = [(64, 64, 112, 112), (64, 256, 56, 56), (64, 512, 28, 28), (64, 1024, 1
 COMPILE_SHAPES = [(64, 256, 56, 56)]
 
 
-def cuda_time(fn, repeats):
+def cuda_time(fn, repeats, calls=1):
+    """Median seconds per call of fn, from `repeats` CUDA-event timings after 5 warm-ups. Each timing spans `calls`
+    calls back to back: with 1, the CPU waits for each call's kernels; with more, it queues calls ahead of the GPU
+    as a training loop does."""
     for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return statistics.median(times)
-
-
-def cuda_time_queued(fn, repeats, calls=10):
-    for _ in range(3):
         fn()
     times = []
     for _ in range(repeats):
@@ -146,10 +135,10 @@ def main():
                 step = lambda m: torch.autograd.grad(m(xg), [xg] + list(m.parameters()), g)  # noqa: E731
                 t_step = cuda_time(lambda: step(fbr), args.repeats)
                 t_step_nn = cuda_time(lambda: step(refr), args.repeats)
-                t_queued = cuda_time_queued(lambda: step(fbr), args.repeats // 3)
-                t_queued_nn = cuda_time_queued(lambda: step(refr), args.repeats // 3)
-                t_graph = cuda_time_queued(graphed(lambda: step(fbr)), args.repeats // 3)
-                t_graph_nn = cuda_time_queued(graphed(lambda: step(refr)), args.repeats // 3)
+                t_queued = cuda_time(lambda: step(fbr), args.repeats // 3, calls=10)
+                t_queued_nn = cuda_time(lambda: step(refr), args.repeats // 3, calls=10)
+                t_graph = cuda_time(graphed(lambda: step(fbr)), args.repeats // 3, calls=10)
+                t_graph_nn = cuda_time(graphed(lambda: step(refr)), args.repeats // 3, calls=10)
                 t_step_c = float("nan")
                 if not args.no_compile and shape in COMPILE_SHAPES:
                     compiled = torch.compile(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()).to(dev))
