@@ -10,6 +10,9 @@
 
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "moments.h"
 #include "simd.h"
 #include "work_items.h"
@@ -17,42 +20,57 @@
 namespace fusedbn::cpu {
 namespace {
 
-// One pass over a block of rows per kChannelBlock channels, each channel shifted by its value in the first row; the
-// block is reduced again around the means so found where a shift was too far from its channel's mean (see
+// One pass over a block of rows in memory order, each channel shifted by its value in the first row. Four rows at
+// a time are added first, (d0 + d1) + (d2 + d3), to per-channel sums in an L1-resident array: the rows stream
+// contiguously, and the four-row sums spread the additions to the array over four times the values. The block is
+// reduced again around the means so found where a shift was too far from its channel's mean (see
 // span_item_moments).
 template <typename scalar_t>
 void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int64_t row_end, Stats* out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = l.channels;
   const double n = static_cast<double>(row_end - row_begin);
-  for_channel_blocks(C, [&](int64_t c0, auto width) {
-    constexpr int64_t W = decltype(width)::value;
-    // Writes the block's moments around `shift`; returns whether a shift was too far from its channel's mean.
-    const auto moments_around = [&](const opmath_t* shift_in) {
-      opmath_t shift[W], s1[W] = {}, s2[W] = {};
-      for (int64_t j = 0; j < W; ++j) shift[j] = shift_in[j];
-      for (int64_t r = row_begin; r < row_end; ++r) {
-        const scalar_t* row = x + r * C + c0;
+  std::vector<opmath_t> buffer(3 * C);
+  opmath_t* __restrict__ shift = buffer.data();
+  opmath_t* __restrict__ s1 = shift + C;
+  opmath_t* __restrict__ s2 = s1 + C;
+  // Writes the block's moments around `shift`; returns whether a shift was too far from its channel's mean.
+  const auto moments_around = [&] {
+    std::fill(s1, s1 + 2 * C, opmath_t(0));
+    int64_t r = row_begin;
+    for (; r + 4 <= row_end; r += 4) {
+      const scalar_t* r0 = x + r * C;
+      const scalar_t* r1 = r0 + C;
+      const scalar_t* r2 = r1 + C;
+      const scalar_t* r3 = r2 + C;
 #pragma omp simd
-        for (int64_t j = 0; j < W; ++j) {
-          const opmath_t d = to_opmath(row[j]) - shift[j];
-          s1[j] += d;
-          s2[j] += d * d;
-        }
+      for (int64_t c = 0; c < C; ++c) {
+        const opmath_t d0 = to_opmath(r0[c]) - shift[c], d1 = to_opmath(r1[c]) - shift[c];
+        const opmath_t d2 = to_opmath(r2[c]) - shift[c], d3 = to_opmath(r3[c]) - shift[c];
+        s1[c] += (d0 + d1) + (d2 + d3);
+        s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
       }
-      bool too_far = false;
-      for (int64_t j = 0; j < W; ++j) {
-        out[c0 + j] = moments_from_deviations(n, static_cast<double>(shift[j]), s1[j], s2[j]);
-        too_far = too_far || shift_too_far(s2[j], out[c0 + j].m2);
+    }
+    for (; r < row_end; ++r) {
+      const scalar_t* row = x + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const opmath_t d = to_opmath(row[c]) - shift[c];
+        s1[c] += d;
+        s2[c] += d * d;
       }
-      return too_far;
-    };
-    opmath_t shift[W];
-    for (int64_t j = 0; j < W; ++j) shift[j] = to_opmath(x[row_begin * C + c0 + j]);
-    if (!moments_around(shift)) return;
-    for (int64_t j = 0; j < W; ++j) shift[j] = static_cast<opmath_t>(out[c0 + j].mean);
-    moments_around(shift);
-  });
+    }
+    bool too_far = false;
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = moments_from_deviations(n, static_cast<double>(shift[c]), s1[c], s2[c]);
+      too_far = too_far || shift_too_far(s2[c], out[c].m2);
+    }
+    return too_far;
+  };
+  for (int64_t c = 0; c < C; ++c) shift[c] = to_opmath(x[row_begin * C + c]);
+  if (!moments_around()) return;
+  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(out[c].mean);
+  moments_around();
 }
 
 }  // namespace
