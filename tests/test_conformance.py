@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fusedbn import fused_batch_norm
-from helpers import TOL, module_pair, random_input, step_both
+from helpers import TOL, module_pair, random_input, step_both, tolerance
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
 
@@ -31,7 +31,7 @@ def random_shapes(count, seed):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_training_steps_then_eval(shape, dtype, memory_format):
     ref, fused = module_pair(shape[1], dtype)
-    tol = TOL[dtype]
+    tol = tolerance(shape, dtype)
     for _ in range(3):
         x = random_input(shape, dtype, memory_format)
         step_both(ref, fused, x, torch.randn(shape, dtype=dtype), **tol)

@@ -11,7 +11,7 @@ from torch import nn
 
 import fusedbn
 from conftest import CUDA
-from helpers import TOL, module_pair, random_input, step_both
+from helpers import TOL, module_pair, random_input, step_both, tolerance
 
 pytestmark = [
     pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine"),
@@ -22,16 +22,6 @@ FORMATS = [torch.contiguous_format, torch.channels_last]
 # C not a power of two (apex issue 1768), H·W large, N = 1, H = W = 1, odd sizes.
 SHAPES = [(4, 3, 5, 7), (1, 5, 3, 3), (7, 2, 1, 1), (2, 1, 257, 255), (16, 33, 7, 7), (3, 100, 1, 1),
           (1, 64, 112, 112), (256, 17, 2, 2)]
-
-
-def tolerance(shape, dtype):
-    """TOL[dtype], widened for float32 by √(values per channel / 1024): nn's float32 sums over large channels
-    carry rounding errors of that order (the parameter gradients are such sums)."""
-    tol = dict(TOL[dtype])
-    if dtype == torch.float32:
-        widen = max(1.0, (shape[0] * shape[2] * shape[3] / 1024) ** 0.5)
-        tol = {k: v * widen for k, v in tol.items()}
-    return tol
 
 
 def cuda_pair(c, dtype=torch.float32, **kwargs):

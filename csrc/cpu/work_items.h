@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "../common/kernel_args.h"
@@ -17,8 +16,7 @@
 namespace fusedbn::cpu {
 
 constexpr int64_t kItemElems = 4096;     // planar items: elements of one channel
-constexpr int64_t kRowItemElems = 65536; // interleaved items: rows × channels (a 32-channel block of an item
-                                         // stays in L2 between its two passes; fewer, larger items mean fewer
+constexpr int64_t kRowItemElems = 65536; // interleaved items: rows × channels (fewer, larger items mean fewer
                                          // per-channel merges, which dominated small channels_last tensors)
 constexpr int64_t kGrainElems = 131072;  // elements below which a loop is not worth a thread
 
@@ -118,18 +116,6 @@ inline bool channel_at_a_time(const Layout& l, int64_t element_bytes, int64_t te
 inline int64_t channel_grain(const Layout& l) {
   constexpr int64_t kChannelGrainElems = 16384;
   return std::max<int64_t>(1, kChannelGrainElems / std::max<int64_t>(l.count_per_channel(), 1));
-}
-
-// Interleaved rows are reduced in blocks of kChannelBlock channels whose accumulators stay in registers
-// while the loop walks down the rows: f(c0, std::integral_constant<int64_t, W>) for each block of W
-// channels starting at c0 (W = kChannelBlock, then W = 1 for the remaining channels).
-constexpr int64_t kChannelBlock = 32;
-
-template <typename F>
-void for_channel_blocks(int64_t channels, const F& f) {
-  int64_t c0 = 0;
-  for (; c0 + kChannelBlock <= channels; c0 += kChannelBlock) f(c0, std::integral_constant<int64_t, kChannelBlock>{});
-  for (; c0 < channels; ++c0) f(c0, std::integral_constant<int64_t, 1>{});
 }
 
 // Per-channel reduction. span_fn(const SpanItem&) -> Partial for planar layouts;
