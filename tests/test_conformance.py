@@ -144,17 +144,40 @@ def test_half_precision_rounding_matches_torch(dtype, memory_format):
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("channels", [5, 21])
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5), (4, 4), (1, 17), (7, 7)], ids=str)
-def test_half_precision_output_for_every_span_length(dtype, memory_format, channels, hw):
-    # 16-bit outputs are converted 16 values at a time with a scalar tail, or, for spans (channels_last: rows of
-    # `channels` values) shorter than 16, through a buffer shared by several spans. Every path must give torch's
-    # rounding of the float result: with mean 0, var + eps = 1 and no bias that is relu(x·weight), rounded once.
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_half_precision_output_for_every_span_length(dtype, memory_format, channels, hw, activation):
+    # 16-bit outputs are converted 16 values at a time with a scalar tail (bfloat16: computed in AVX2 registers),
+    # or, for spans (channels_last: rows of `channels` values) shorter than 16, through a buffer shared by several
+    # spans. Every path must give torch's rounding of the float result: with mean 0, var + eps = 1 and no bias that
+    # is act(x·weight), rounded once.
     x = random_input((7, channels) + hw, dtype, memory_format, requires_grad=False)
     weight = torch.randn(channels) * 3
     eps = 2.0 ** -10
     y = fused_batch_norm(x, torch.zeros(channels), torch.full((channels,), 1 - eps), weight, None, training=False,
-                         eps=eps, activation="relu")
-    expected = torch.relu(x.float() * weight.view(1, -1, 1, 1)).to(dtype)
+                         eps=eps, activation=activation, negative_slope=0.1)
+    pre = x.float() * weight.view(1, -1, 1, 1)
+    expected = torch.where(pre < 0, pre * torch.tensor(0.1) if activation == "leaky_relu" else 0.0, pre).to(dtype)
     assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("channels", [5, 21])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5), (1, 17), (7, 7), (2, 300)], ids=str)
+def test_half_precision_input_gradient_for_every_span_length(dtype, memory_format, channels, hw):
+    # The backward's 16-bit dx goes through the same conversion buffer as the forward's output (spans, runs of
+    # spans, channels_last rows, chunks of 512 values). With constant statistics (eval), mean 0, var + eps = 1 and
+    # no bias, dx = dy·[x·weight > 0]·weight, rounded once; -0 and +0 compare equal.
+    x = random_input((7, channels) + hw, dtype, memory_format)
+    dy = torch.randn(x.shape).to(dtype).contiguous(memory_format=memory_format)
+    weight = torch.randn(channels) * 3
+    eps = 2.0 ** -10
+    y = fused_batch_norm(x, torch.zeros(channels), torch.full((channels,), 1 - eps), weight, None, training=False,
+                         eps=eps, activation="relu")
+    (dx,) = torch.autograd.grad(y, x, dy)
+    w = weight.view(1, -1, 1, 1)
+    expected = (dy.float() * (x.float() * w > 0) * w).to(dtype)
+    assert torch.equal(dx.float(), expected.float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -79,27 +79,39 @@ inline c10::Half from_opmath<c10::Half>(float v) {
   return c10::Half(static_cast<uint16_t>(h | (sign >> 16)), c10::Half::from_bits());
 }
 
+#if defined(__AVX2__)
+// 16 bfloat16 values as two float vectors (values 0-7, 8-15): each is its 16 bits shifted into the high half.
+inline void load_bf16x16(const c10::BFloat16* src, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+  hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+}
+
+// Two float vectors stored as 16 bfloat16 values, bitwise from_opmath<BFloat16>, in fewer instructions than gcc's
+// vectorisation of it (which masks each value to 16 bits and builds the NaN mask with a second pack): round to
+// nearest even, NaN → 0x7FC0, then packus_epi32, which packs within 128-bit lanes, and a permutation of the 64-bit
+// quarters back into order.
+inline void store_bf16x16(c10::BFloat16* dst, __m256 lo, __m256 hi) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF), nan = _mm256_set1_epi32(0x7FC0);
+  const auto round = [&](__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, bias), lsb), 16);
+    return _mm256_blendv_epi8(rounded, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  };
+  const __m256i packed = _mm256_packus_epi32(round(lo), round(hi));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(packed, 0xD8));
+}
+#endif
+
 // dst[j] = from_opmath<scalar_t>(src[j]) for j in [0, n).
 template <typename scalar_t>
 inline void convert_from_opmath(const at::opmath_type<scalar_t>* __restrict__ src, scalar_t* __restrict__ dst,
                                 int64_t n) {
   int64_t j = 0;
 #if defined(__AVX2__)
-  // bfloat16, 16 values per step in fewer instructions than gcc's vectorisation of from_opmath (which masks each
-  // value to 16 bits and builds the NaN mask with a second pack): round to nearest even, NaN → 0x7FC0, then
-  // packus_epi32, which packs within 128-bit lanes, and a permutation of the 64-bit quarters back into order.
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF), nan = _mm256_set1_epi32(0x7FC0);
-    const auto round = [&](__m256 v) {
-      const __m256i bits = _mm256_castps_si256(v);
-      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
-      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, bias), lsb), 16);
-      return _mm256_blendv_epi8(rounded, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-    };
-    for (; j + 16 <= n; j += 16) {
-      const __m256i packed = _mm256_packus_epi32(round(_mm256_loadu_ps(src + j)), round(_mm256_loadu_ps(src + j + 8)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm256_permute4x64_epi64(packed, 0xD8));
-    }
+    for (; j + 16 <= n; j += 16) store_bf16x16(dst + j, _mm256_loadu_ps(src + j), _mm256_loadu_ps(src + j + 8));
   }
 #endif
 #pragma omp simd
