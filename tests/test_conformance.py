@@ -145,17 +145,19 @@ def test_half_precision_rounding_matches_torch(dtype, memory_format):
 @pytest.mark.parametrize("channels", [5, 21])
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5), (4, 4), (1, 17), (7, 7)], ids=str)
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
-def test_half_precision_output_for_every_span_length(dtype, memory_format, channels, hw, activation):
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+def test_half_precision_output_for_every_span_length(dtype, memory_format, channels, hw, activation, residual):
     # 16-bit outputs are converted 16 values at a time with a scalar tail (bfloat16: computed in AVX2 registers),
     # or, for spans (channels_last: rows of `channels` values) shorter than 16, through a buffer shared by several
     # spans. Every path must give torch's rounding of the float result: with mean 0, var + eps = 1 and no bias that
-    # is act(x·weight), rounded once.
+    # is act(x·weight [+ z]), rounded once.
     x = random_input((7, channels) + hw, dtype, memory_format, requires_grad=False)
+    z = random_input(x.shape, dtype, memory_format, requires_grad=False) if residual else None
     weight = torch.randn(channels) * 3
     eps = 2.0 ** -10
     y = fused_batch_norm(x, torch.zeros(channels), torch.full((channels,), 1 - eps), weight, None, training=False,
-                         eps=eps, activation=activation, negative_slope=0.1)
-    pre = x.float() * weight.view(1, -1, 1, 1)
+                         eps=eps, activation=activation, negative_slope=0.1, residual=z)
+    pre = x.float() * weight.view(1, -1, 1, 1) + (z.float() if residual else 0.0)
     expected = torch.where(pre < 0, pre * torch.tensor(0.1) if activation == "leaky_relu" else 0.0, pre).to(dtype)
     assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
 
