@@ -15,6 +15,9 @@ namespace fusedbn::cpu {
 
 // Spans of at most this many values are added column by column by sums_over_spans.
 constexpr int64_t kColumnSumMaxSpan = 1024;
+// A single span shorter than this is summed in one loop by sums_over_spans: in quarters, each quarter would take
+// fewer than eight 8-wide steps, and its remainder and horizontal sum would cost more than its additions.
+constexpr int64_t kQuarterMinSpan = 256;
 
 // The two sums of f(offset(o) + j) = (a, b) over spans o in [o0, o1) and positions j in [0, len), in double; f
 // returns a std::pair<acc_t, acc_t>.
@@ -24,7 +27,9 @@ constexpr int64_t kColumnSumMaxSpan = 1024;
 // more than the span's own additions. Here every step adds four values first, (v0 + v1) + (v2 + v3), from four
 // rows at the same position j:
 //  - several short spans: four spans at a time, added to column buffers (element j), reduced once at the end;
-//  - otherwise: the four quarters of each span, into one reduction.
+//  - otherwise: the four quarters of each span, into one reduction;
+// except in a single span shorter than kQuarterMinSpan (N = 1, images up to 15 × 15), which needs one horizontal
+// sum whichever way it is added: one plain reduction.
 // The order of the additions depends only on the shape. f is taken by value: through a reference gcc reloaded
 // its captured pointer in every iteration and vectorised the loads as gathers.
 template <typename acc_t, typename Offset, typename F>
@@ -34,6 +39,17 @@ std::pair<double, double> sums_over_spans(int64_t o0, int64_t o1, int64_t len, c
     const Sums v0 = f(r0 + j), v1 = f(r1 + j), v2 = f(r2 + j), v3 = f(r3 + j);
     return Sums((v0.first + v1.first) + (v2.first + v3.first), (v0.second + v1.second) + (v2.second + v3.second));
   };
+  if (o1 - o0 == 1 && len < kQuarterMinSpan) {
+    const int64_t b = offset(o0);
+    acc_t s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t j = 0; j < len; ++j) {
+      const Sums v = f(b + j);
+      s1 += v.first;
+      s2 += v.second;
+    }
+    return {s1, s2};
+  }
   double t1 = 0, t2 = 0;
   if (len > kColumnSumMaxSpan || o1 - o0 < 2) {
     const int64_t q = len / 4;
