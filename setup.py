@@ -33,7 +33,7 @@ def cpu_flags() -> list:
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math lets the compiler turn comparisons into vector selects (activations, clamps); no
     # result changes: fusedbn never relies on floating-point exception flags. -ffp-contract=off: gcc emits
     # several versions of a loop (vector body, scalar peel and tail, alias-checked fallbacks) and contracted

@@ -62,8 +62,11 @@ void check_like_input(const Tensor& t, const char* name, const Tensor& input) {
                     " but input is on ", input.device());
 }
 
-void check_eps(double eps) {
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "fusedbn: eps must be a positive finite number, got ", eps);
+// nn's rule and wording (torch.nn.functional.batch_norm): eps > 0 where batch statistics are computed, eps >= 0
+// where given statistics are used; infinity is refused too.
+void check_eps(double eps, bool batch_statistics) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && (batch_statistics ? eps > 0 : eps >= 0), "fusedbn: batch_norm eps must be ",
+                    batch_statistics ? "positive during training" : "non-negative", " (and finite), but got ", eps);
 }
 
 void check_finite_nonnegative(double v, const char* name) {
@@ -131,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
   check_like_input(residual, "residual", input);
   check_channel_tensor(prior_mean, "prior_mean", input);
   check_channel_tensor(prior_var, "prior_var", input);
-  check_eps(eps);
+  check_eps(eps, true);
   check_finite_nonnegative(prior_count, "prior_count");
   TORCH_CHECK_VALUE(prior_count == 0 || (prior_mean.defined() && prior_var.defined()),
                     "fusedbn: prior_count > 0 needs prior_mean and prior_var");
@@ -169,7 +172,7 @@ std::tuple<Tensor, Tensor, Tensor> normalize(const Tensor& input, const OptTenso
   check_like_input(residual, "residual", input);
   check_channel_tensor(mean_in, "mean", input);
   check_channel_tensor(var_in, "var", input);
-  check_eps(eps);
+  check_eps(eps, false);
   const Activation act = parse_activation(std::string(activation));
 
   const auto format = layout_format(input);
@@ -199,8 +202,8 @@ Tensor update_running_stats(Tensor& running_mean, Tensor& running_var, const Opt
                       " but the batch statistics are on ", batch_mean.device());
   }
   TORCH_CHECK_VALUE(count >= 2, "fusedbn: the unbiased variance needs count >= 2, got ", count);
-  TORCH_CHECK_VALUE(!momentum.has_value() || (*momentum >= 0 && *momentum <= 1),
-                    "fusedbn: momentum must be in [0, 1] or None, got ", momentum.value_or(0));
+  TORCH_CHECK_VALUE(!momentum.has_value() || std::isfinite(*momentum),
+                    "fusedbn: momentum must be a finite number or None, got ", momentum.value_or(0));
   TORCH_CHECK_VALUE(momentum.has_value() || nbt.defined(),
                     "fusedbn: momentum=None (cumulative average) needs num_batches_tracked");
   if (nbt.defined()) {
@@ -209,7 +212,7 @@ Tensor update_running_stats(Tensor& running_mean, Tensor& running_var, const Opt
   }
   Tensor updated = at::empty({}, batch_mean.options().dtype(at::kBool));
   backend_for(batch_mean).update_running_stats(running_mean, running_var, nbt, batch_mean, batch_m2, count,
-                                                momentum.value_or(-1.0), updated);
+                                                momentum.value_or(std::numeric_limits<double>::quiet_NaN()), updated);
   return updated;
 }
 
@@ -348,6 +351,14 @@ TORCH_LIBRARY(fusedbn, m) {
       "backward(Tensor grad_output, Tensor input, Tensor? residual, Tensor mean, Tensor invstd, Tensor? weight, "
       "Tensor? bias, float? count, str activation, float negative_slope) "
       "-> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+  // The gradients of forward_train (batch_stats) and normalize in torch operations, differentiable again: the
+  // backward of those ops under create_graph=True. Implemented in Python (fusedbn/derivatives.py) as a
+  // CompositeImplicitAutograd kernel; grad_weight and grad_bias are empty where weight and bias are None.
+  m.def(
+      "backward_composite(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor mean, Tensor invstd, Tensor? prior_mean, Tensor? prior_var, bool batch_stats, float prior_count, "
+      "float eps, str activation, float negative_slope) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 }
 
 // A Python module with no functions: importing fusedbn._C loads the library and runs the registrations.

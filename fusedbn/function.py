@@ -13,9 +13,12 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers
+from torch.autograd import forward_ad
 
 from ._ops import ops
-from .reference import activation_fn, reference_batch_norm
+from . import derivatives, vmap_rule
+from .reference import activation_fn
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
 SMALL_BATCH_MODES = ("running", "blend", "error")
@@ -26,60 +29,58 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 class FusedBatchNormFunction(torch.autograd.Function):
     """y = act((x − mean)·invstd·weight + bias [+ residual]), differentiable in input, weight, bias, residual.
 
-    With ``batch_stats=True`` the statistics are the batch's own, blended with ``prior_count``
-    pseudo-samples at (stats_mean, stats_var) when prior_count > 0; the second and third outputs are the
-    batch mean and M2 = Σ(x − mean)² per channel (not differentiable) for the running-statistics update.
-    With ``batch_stats=False`` the statistics are (stats_mean, stats_var), constants as in eval mode, and
-    the second and third outputs are empty.
+    Returns (output, mean, invstd, batch_mean, batch_m2), as ``torch.ops.fusedbn.forward_train``; only the output
+    is differentiable. With ``batch_stats=True`` the statistics are the batch's own, blended with ``prior_count``
+    pseudo-samples at (stats_mean, stats_var) when prior_count > 0; batch_mean and batch_m2 = Σ(x − mean)² per
+    channel are for the running-statistics update. With ``batch_stats=False`` the statistics are (stats_mean,
+    stats_var), constants as in eval mode, and batch_mean and batch_m2 are empty.
+
+    Backward, forward-mode AD (``jvp``) and ``vmap`` are defined, so ``torch.func`` transforms work; the
+    derivatives are those of derivatives.py; the ops carry the same backward in C++ (csrc/autograd/).
     """
 
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        # torch.autograd.Function.apply binds the arguments to forward's signature (inspect.signature, ~20 µs) for
+        # every Function with setup_context; with every argument given positionally and no torch.func transform
+        # active, that binding changes nothing, so the C++ apply is called directly.
+        if kwargs or len(args) != 11 or torch._C._are_functorch_transforms_active():
+            return super().apply(*args, **kwargs)
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
+
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, stats_mean, stats_var, batch_stats: bool,
-                prior_count: float, eps: float, activation: str, negative_slope: float):
+    def forward(input, weight, bias, residual, stats_mean, stats_var, batch_stats: bool, prior_count: float,
+                eps: float, activation: str, negative_slope: float):
         output, mean, invstd, batch_mean, batch_m2 = _forward(
             input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation,
             negative_slope)
         if not batch_stats:
             batch_mean, batch_m2 = mean.new_empty((0,)), mean.new_empty((0,))
-        ctx.set_materialize_grads(False)  # batch_mean and batch_m2 get no gradient: no zeros to allocate
-        n, c, h, w = input.shape
-        ctx.count = float(n * h * w) + prior_count if batch_stats else None
-        ctx.batch_stats, ctx.prior_count, ctx.eps = batch_stats, prior_count, eps
-        ctx.activation, ctx.negative_slope = activation, negative_slope
-        # Saved: x, per-channel vectors, and z only where the activation's derivative needs it; never y.
-        ctx.has_residual = residual is not None
-        saved_residual = residual if activation != "identity" else None
-        prior = (stats_mean, stats_var) if batch_stats and prior_count > 0 else (None, None)
-        ctx.save_for_backward(input, weight, bias, saved_residual, mean, invstd, *prior)
-        ctx.mark_non_differentiable(batch_mean, batch_m2)
-        return output, batch_mean, batch_m2
+        return output, mean, invstd, batch_mean, batch_m2
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_batch_mean, _grad_batch_m2):
-        if grad_output is None:  # the output was not used
-            return (None,) * 11
-        input, weight, bias, residual, mean, invstd, prior_mean, prior_var = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        if torch.is_grad_enabled():
-            # create_graph=True: differentiate a composite formulation so that higher derivatives exist.
-            with torch.enable_grad():
-                y = reference_batch_norm(
-                    input, weight, bias, residual, batch_stats=ctx.batch_stats, eps=ctx.eps,
-                    activation=ctx.activation, negative_slope=ctx.negative_slope, mean=mean, invstd=invstd,
-                    prior_mean=prior_mean, prior_var=prior_var, prior_count=ctx.prior_count)
-                wrt = [t for t, need in zip((input, weight, bias, residual), needs) if need and t is not None]
-                found = iter(torch.autograd.grad(y, wrt, grad_output, create_graph=True, allow_unused=True))
-            grad_input, grad_weight, grad_bias, grad_residual = (
-                next(found) if need and t is not None else None
-                for t, need in zip((input, weight, bias, residual), needs))
-        else:
-            grad_input, grad_residual, grad_weight, grad_bias = ops.backward(
-                grad_output, input, residual, mean, invstd, weight, bias, ctx.count, ctx.activation,
-                ctx.negative_slope)
-        if ctx.has_residual and ctx.activation == "identity":
-            grad_residual = grad_output  # dz = dy: z was not saved
-        grads = (grad_input, grad_weight, grad_bias, grad_residual)
-        return tuple(g if need else None for g, need in zip(grads, needs[:4])) + (None,) * 7
+    def setup_context(ctx, inputs, outputs):
+        input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation, slope = inputs
+        _, mean, invstd, batch_mean, batch_m2 = outputs
+        ctx.mark_non_differentiable(mean, invstd, batch_mean, batch_m2)
+        derivatives.save(ctx, input, weight, bias, residual, mean, invstd, batch_mean, stats_mean, stats_var,
+                         batch_stats, prior_count, eps, activation, slope)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_statistics):
+        return derivatives.input_gradients(ctx, grad_output) + (None,) * 7
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, d_residual, d_stats_mean, d_stats_var, *_options):
+        if d_stats_mean is not None or d_stats_var is not None:
+            raise RuntimeError("fusedbn: running_mean and running_var (or the statistics passed in their place) carry "
+                               "a forward-mode tangent; batch norm treats them as constants, as nn.BatchNorm2d does")
+        return derivatives.output_tangent(ctx, d_input, d_weight, d_bias, d_residual), None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, residual, stats_mean, stats_var, *options):
+        return vmap_rule.apply_folded(FusedBatchNormFunction.apply, info.batch_size, in_dims,
+                                      (input, weight, bias, residual, stats_mean, stats_var), options)
 
 
 def _forward(input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation,
@@ -97,13 +98,15 @@ def _forward(input, weight, bias, residual, stats_mean, stats_var, batch_stats, 
 def check_options(eps, momentum, activation, negative_slope, small_batch, min_count, prior_count,
                   momentum_may_be_none: bool = False) -> None:
     """Raises ValueError for an option outside its domain (shared by the functional API and the modules)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    # eps and momentum: any real number, as nn accepts (the sign of eps is checked when a batch is normalised, with
+    # nn's messages); NaN and infinity are refused, since they would corrupt the running statistics.
+    if not _is_finite_real(eps):
+        raise ValueError(f"eps must be a finite number, got {eps!r}")
     if momentum is None:
         if not momentum_may_be_none:
-            raise ValueError("momentum must be a float in [0, 1], got None")
-    elif isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a float in [0, 1]{' or None' if momentum_may_be_none else ''}, "
+            raise ValueError("momentum must be a finite number, got None")
+    elif not _is_finite_real(momentum):
+        raise ValueError(f"momentum must be a finite number{' or None' if momentum_may_be_none else ''}, "
                          f"got {momentum!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
@@ -118,6 +121,18 @@ def check_options(eps, momentum, activation, negative_slope, small_batch, min_co
     if isinstance(prior_count, bool) or not isinstance(prior_count, (int, float)) \
             or not math.isfinite(prior_count) or prior_count < 0:
         raise ValueError(f"prior_count must be a finite number >= 0, got {prior_count!r}")
+
+
+def _is_finite_real(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def check_eps(eps: float, training: bool) -> None:
+    """nn's rule (torch.nn.functional.batch_norm) and messages: eps > 0 in training, eps >= 0 otherwise."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def _check_tensors(input, running_mean, running_var, weight, bias, residual) -> None:
@@ -193,6 +208,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     _check_tensors(input, running_mean, running_var, weight, bias, residual)
     n, _, h, w = input.shape
     use_batch_stats = training or running_mean is None
+    check_eps(eps, use_batch_stats)
     if input.numel() == 0:
         return _empty_batch(input, weight, bias, residual, activation, negative_slope, training,
                             num_batches_tracked if running_mean is not None else None)
@@ -202,6 +218,11 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
     count = n * h * w
     has_running = running_mean is not None
+    if training and has_running and torch._C._are_functorch_transforms_active() \
+            and torch._C._functorch.is_batchedtensor(input):
+        raise RuntimeError("fusedbn: vmap over a batch norm in training mode would update running_mean and "
+                           "running_var, which are not batched, in place (nn.BatchNorm2d refuses this too). Use "
+                           "track_running_stats=False or eval mode")
     fixed, prior = small_batch_plan(count, has_running, small_batch, min_count, prior_count,
                                     lambda: small_batch_message(input, min_count))
     if fixed and on_fallback is not None and not _compiling():
@@ -235,14 +256,14 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_
 
 
 def _apply(*args):
-    """FusedBatchNormFunction.apply(*args) -> (output, batch_mean, batch_m2); the ops directly where no gradient
-    is needed (inference, torch.no_grad), which saves the autograd.Function's overhead on small tensors."""
-    input, weight, bias, residual = args[:4]
-    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)
-                                    or (residual is not None and residual.requires_grad)):
-        return FusedBatchNormFunction.apply(*args)
-    output, _, _, batch_mean, batch_m2 = _forward(*args)
+    """(output, batch_mean, batch_m2). The ops are differentiable themselves (a C++ autograd node, csrc/autograd/);
+    FusedBatchNormFunction is taken only where forward-mode AD or a torch.func transform needs its jvp or vmap rule
+    (outside torch.compile and torch.jit.trace, which record the ops)."""
+    if (forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()) \
+            and not (torch.jit.is_tracing() or _compiling()):
+        output, _, _, batch_mean, batch_m2 = FusedBatchNormFunction.apply(*args)
+    else:
+        output, _, _, batch_mean, batch_m2 = _forward(*args)
     return output, batch_mean, batch_m2
 
 

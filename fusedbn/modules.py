@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Optional
 
-import torch
-from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from .function import batch_norm, check_options
 
+# torch releases whose batch norm takes bias= (nn.BatchNorm2d(..., *, bias=True)); on others fusedbn adds it.
+_NN_TAKES_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
 
-class FusedBatchNorm2d(_BatchNorm):
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` with fused statistics, normalisation, activation and residual add.
 
     Same constructor (plus keyword-only options), parameters, buffers, ``state_dict`` (``_version = 2``),
-    ``reset_parameters``/``reset_running_stats`` and numbers as nn.BatchNorm2d wherever nn.BatchNorm2d
-    works; checkpoints load both ways. Options are checked here, at construction.
+    ``reset_parameters``/``reset_running_stats``, repr and numbers as nn.BatchNorm2d wherever nn.BatchNorm2d
+    works; checkpoints load both ways. A subclass of nn.BatchNorm2d, so that code that looks for batch norm
+    layers (freezing, weight-decay groups, sync conversion) finds it. Options are checked here, at construction.
 
     Differences from nn.BatchNorm2d:
 
@@ -32,14 +36,19 @@ class FusedBatchNorm2d(_BatchNorm):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, activation: str = "identity",
-                 negative_slope: float = 0.01, small_batch: str = "running", min_count: int = 2,
-                 prior_count: float = 16.0) -> None:
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 activation: str = "identity", negative_slope: float = 0.01, small_batch: str = "running",
+                 min_count: int = 2, prior_count: float = 16.0) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
         check_options(eps, momentum, activation, negative_slope, small_batch, min_count, prior_count,
                       momentum_may_be_none=True)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if _NN_TAKES_BIAS:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        else:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+            if not bias:
+                self.register_parameter("bias", None)
         self.activation = activation
         self.negative_slope = float(negative_slope)
         self.small_batch = small_batch

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_CHANNEL = (1, -1, 1, 1)
+
 
 def activation_fn(name: str, v: Tensor, negative_slope: float) -> Tensor:
     if name == "relu":
@@ -23,12 +25,52 @@ def activation_fn(name: str, v: Tensor, negative_slope: float) -> Tensor:
     return v
 
 
+def activation_derivative(name: str, pre: Tensor, negative_slope: float) -> Tensor:
+    """act'(pre), with nn's convention at the kinks (the derivative of relu and leaky_relu at 0 is that of the
+    left side)."""
+    if name == "relu":
+        return (pre > 0).to(pre.dtype)
+    if name == "leaky_relu":
+        return torch.where(pre > 0, torch.ones_like(pre), torch.full_like(pre, negative_slope))
+    if name == "silu":
+        sig = torch.sigmoid(pre)
+        return sig * (1 + pre * (1 - sig))
+    return torch.ones_like(pre)
+
+
 def blend_moments(mean: Tensor, m2: Tensor, count, prior_mean: Tensor, prior_var: Tensor, prior_count: float):
     """Chan merge of (count, mean, M2) with prior_count pseudo-samples at (prior_mean, prior_var):
     n = m + m0, δ = μ − μ_R, μ̃ = μ − m0·δ/n, M2̃ = M2 + m0·σ²_R + δ²·m·m0/n. Returns (μ̃, M2̃, n)."""
     n = count + prior_count
     delta = mean - prior_mean
     return mean - prior_count * delta / n, m2 + prior_count * prior_var + delta * delta * count * prior_count / n, n
+
+
+def _normalised(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                batch_stats: bool, eps: float, mean: Optional[Tensor], invstd: Optional[Tensor],
+                prior_mean: Optional[Tensor], prior_var: Optional[Tensor], prior_count: float):
+    """(x̂, pre-activation, count) in the kernels' math type; count is the number of values the statistics come from
+    (None for given statistics). With batch_stats the statistics are functions of input, so that everything built
+    on them differentiates through them."""
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = input.to(dtype)
+    count = None
+    if batch_stats:
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        mean = x.mean(dim=(0, 2, 3))
+        m2 = ((x - mean.view(_CHANNEL)) ** 2).sum(dim=(0, 2, 3))
+        if prior_count > 0:
+            mean, m2, count = blend_moments(mean, m2, count, prior_mean.to(dtype), prior_var.to(dtype), prior_count)
+        invstd = torch.rsqrt(m2 / count + eps)
+    x_hat = (x - mean.to(dtype).view(_CHANNEL)) * invstd.to(dtype).view(_CHANNEL)
+    pre = x_hat
+    if weight is not None:
+        pre = pre * weight.to(dtype).view(_CHANNEL)
+    if bias is not None:
+        pre = pre + bias.to(dtype).view(_CHANNEL)
+    if residual is not None:
+        pre = pre + residual.to(dtype)
+    return x_hat, pre, count, invstd.to(dtype)
 
 
 def reference_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -42,21 +84,31 @@ def reference_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional
     pseudo-samples at (prior_mean, prior_var) when prior_count > 0. batch_stats=False: the constants
     (mean, invstd).
     """
-    shape = (1, -1, 1, 1)
-    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    x = input.to(dtype)
-    if batch_stats:
-        m = x.shape[0] * x.shape[2] * x.shape[3]
-        mean = x.mean(dim=(0, 2, 3))
-        m2 = ((x - mean.view(shape)) ** 2).sum(dim=(0, 2, 3))
-        if prior_count > 0:
-            mean, m2, m = blend_moments(mean, m2, m, prior_mean.to(dtype), prior_var.to(dtype), prior_count)
-        invstd = torch.rsqrt(m2 / m + eps)
-    y = (x - mean.to(dtype).view(shape)) * invstd.to(dtype).view(shape)
-    if weight is not None:
-        y = y * weight.to(dtype).view(shape)
-    if bias is not None:
-        y = y + bias.to(dtype).view(shape)
-    if residual is not None:
-        y = y + residual.to(dtype)
-    return activation_fn(activation, y, negative_slope).to(input.dtype)
+    _, pre, _, _ = _normalised(input, weight, bias, residual, batch_stats, eps, mean, invstd, prior_mean, prior_var,
+                               prior_count)
+    return activation_fn(activation, pre, negative_slope).to(input.dtype)
+
+
+def reference_input_gradients(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                              residual: Optional[Tensor], *, batch_stats: bool, eps: float, activation: str,
+                              negative_slope: float, mean: Optional[Tensor] = None, invstd: Optional[Tensor] = None,
+                              prior_mean: Optional[Tensor] = None, prior_var: Optional[Tensor] = None,
+                              prior_count: float = 0.0) -> tuple:
+    """(grad_input, grad_weight, grad_bias, grad_residual) of reference_batch_norm, in torch operations, so that they
+    differentiate again (double backward, torch.func.hessian). With g = dy·act'(pre), n values per channel:
+      grad_bias = Σg,  grad_weight = Σg·x̂,  grad_residual = g,
+      grad_input = w·invstd·(g − Σg/n − x̂·Σ(g·x̂)/n)   (given statistics: w·invstd·g).
+    """
+    x_hat, pre, count, invstd = _normalised(input, weight, bias, residual, batch_stats, eps, mean, invstd,
+                                            prior_mean, prior_var, prior_count)
+    g = grad_output.to(x_hat.dtype)
+    if activation != "identity":
+        g = g * activation_derivative(activation, pre, negative_slope)
+    grad_bias = g.sum(dim=(0, 2, 3))
+    grad_weight = (g * x_hat).sum(dim=(0, 2, 3))
+    scale = invstd if weight is None else invstd * weight.to(x_hat.dtype)
+    centred = g if count is None else \
+        g - (grad_bias / count).view(_CHANNEL) - x_hat * (grad_weight / count).view(_CHANNEL)
+    grad_input = scale.view(_CHANNEL) * centred
+    return (grad_input.to(input.dtype), None if weight is None else grad_weight.to(weight.dtype),
+            None if bias is None else grad_bias.to(bias.dtype), g.to(input.dtype))

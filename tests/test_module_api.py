@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fusedbn
-from helpers import TOL, module_pair, random_input, step_both
+from helpers import TOL, assert_modules_match, module_pair, random_input, step_both
 
 
 def test_state_dict_keys_and_version_match_nn():
@@ -104,12 +104,11 @@ def test_empty_batch_behaves_as_nn(shape, training):
 # ---- bad arguments: clear errors, raised before any buffer is touched -------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(eps=0.0), "eps must be a positive finite number"),
-    (dict(eps=-1e-5), "eps must be a positive finite number"),
-    (dict(eps=math.inf), "eps must be a positive finite number"),
-    (dict(eps=math.nan), "eps must be a positive finite number"),
-    (dict(momentum=1.5), r"momentum must be a float in \[0, 1\] or None"),
-    (dict(momentum=-0.1), r"momentum must be a float in \[0, 1\] or None"),
+    (dict(eps=math.inf), "eps must be a finite number"),
+    (dict(eps=math.nan), "eps must be a finite number"),
+    (dict(eps="1e-5"), "eps must be a finite number"),
+    (dict(momentum=math.nan), "momentum must be a finite number or None"),
+    (dict(momentum=-math.inf), "momentum must be a finite number or None"),
     (dict(activation="gelu"), "activation must be one of 'identity', 'relu', 'leaky_relu', 'silu'"),
     (dict(small_batch="ignore"), "small_batch must be one of 'running', 'blend', 'error'"),
     (dict(min_count=0), "min_count must be an integer >= 1"),
@@ -121,6 +120,27 @@ def test_empty_batch_behaves_as_nn(shape, training):
 def test_module_rejects_bad_options_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fusedbn.FusedBatchNorm2d(3, **kwargs)
+
+
+@pytest.mark.parametrize("eps, momentum", [(0.0, -1.0), (-1e-3, 2.0), (1e-3, None)])
+def test_eps_and_momentum_take_nn_ranges(eps, momentum):
+    # nn accepts any eps at construction and raises when a batch is normalised: eps > 0 in training, eps >= 0 in
+    # eval, with the same messages; momentum may be any number, (1 − m)·running + m·batch.
+    x = random_input((4, 3, 2, 2))
+    for training in (True, False):
+        ref, fused = module_pair(3, eps=eps, momentum=momentum)
+        ref.train(training), fused.train(training)
+        try:
+            expected = ref(x)
+        except ValueError as e:
+            before = {k: v.clone() for k, v in fused.state_dict().items()}
+            with pytest.raises(ValueError, match=str(e)):
+                fused(x)
+            for k, v in fused.state_dict().items():
+                assert torch.equal(v, before[k]), k
+            continue
+        torch.testing.assert_close(fused(x), expected, **TOL[torch.float64])
+        assert_modules_match(ref, fused, **TOL[torch.float64])
 
 
 def test_module_rejects_bad_num_features():
@@ -154,9 +174,10 @@ def test_bad_input_leaves_buffers_untouched(make_input, error, match):
     (dict(weight=torch.ones(3, 1)), ValueError, r"weight must have shape \(3,\)"),
     (dict(bias=torch.zeros(2)), ValueError, r"bias must have shape \(3,\)"),
     (dict(running_mean=torch.zeros(3, requires_grad=True)), ValueError, "running_mean must not require grad"),
-    (dict(momentum=2.0), ValueError, r"momentum must be a float in \[0, 1\]"),
-    (dict(momentum=None), ValueError, r"momentum must be a float in \[0, 1\], got None"),
-    (dict(eps=0.0), ValueError, "eps must be a positive finite number"),
+    (dict(momentum=math.nan), ValueError, "momentum must be a finite number"),
+    (dict(momentum=None), ValueError, "momentum must be a finite number, got None"),
+    (dict(eps=0.0), ValueError, "batch_norm eps must be positive during training, but got 0.0"),
+    (dict(eps=-1e-5, training=False), ValueError, "batch_norm eps must be non-negative, but got -1e-05"),
     (dict(activation="tanh"), ValueError, "activation must be one of"),
     (dict(small_batch="skip"), ValueError, "small_batch must be one of"),
     (dict(min_count=0), ValueError, "min_count must be an integer >= 1"),

@@ -57,3 +57,21 @@ def test_update_running_stats_mutates_only_declared_buffers():
     torch.testing.assert_close(rm, bm)  # cumulative average of one batch is that batch
     torch.testing.assert_close(rv, bm2 / 29)
     assert not torch.equal(rm, rm0) and not torch.equal(rv, rv0)
+
+
+@pytest.mark.parametrize("dtype, memory_format, activation, residual, affine", CASES, ids=str)
+def test_opcheck_differentiable_ops_with_requires_grad(dtype, memory_format, activation, residual, affine):
+    # forward_train and normalize carry their own backward (csrc/autograd/): opcheck's autograd-registration and
+    # AOT-dispatch tests run on inputs that require grad. backward_composite is that backward's differentiable form.
+    x, w, b, z, rm, rv = samples(dtype, memory_format)
+    w, b = (w.requires_grad_(), b.requires_grad_()) if affine else (None, None)
+    z = z.requires_grad_() if residual else None
+    x.requires_grad_()
+    check = torch.library.opcheck
+    check(ops.forward_train, (x, w, b, z, None, None, 0.0, 1e-5, activation, 0.1))
+    check(ops.forward_train, (x, w, b, z, rm, rv, 16.0, 1e-5, activation, 0.1))
+    check(ops.normalize, (x, w, b, z, rm, rv, 1e-5, activation, 0.1))
+    with torch.no_grad():
+        _, mean, invstd, _, _ = ops.forward_train(x, w, b, z, rm, rv, 16.0, 1e-5, activation, 0.1)
+    dy = torch.randn_like(x)
+    check(ops.backward_composite, (dy, x, w, b, z, mean, invstd, rm, rv, True, 16.0, 1e-5, activation, 0.1))

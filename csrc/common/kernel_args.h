@@ -66,8 +66,8 @@ struct Backend {
   void (*backward_elemt)(const NormInputs& in, const at::Tensor& grad_output, const GradSums& sums,
                          double count, at::Tensor& grad_input, at::Tensor& grad_residual);
   // If every batch mean and M2 is finite: num_batches_tracked += 1 (if defined), then running statistics
-  // move towards (batch_mean, batch_m2/(count − 1)) by `momentum`, or by 1/num_batches_tracked when momentum
-  // is negative (cumulative average). Writes whether it updated into the bool scalar `updated`.
+  // move towards (batch_mean, batch_m2/(count − 1)) by `momentum` (any finite number, as nn allows), or by
+  // 1/num_batches_tracked when momentum is NaN (cumulative average: momentum=None). Writes whether it updated into the bool scalar `updated`.
   void (*update_running_stats)(at::Tensor& running_mean, at::Tensor& running_var, at::Tensor& num_batches_tracked,
                                const at::Tensor& batch_mean, const at::Tensor& batch_m2, int64_t count,
                                double momentum, at::Tensor& updated);

@@ -51,7 +51,7 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, at:
   if (num_batches_tracked.defined()) {
     int64_t& tracked = *num_batches_tracked.mutable_data_ptr<int64_t>();
     tracked += 1;
-    if (momentum < 0) factor = 1.0 / static_cast<double>(tracked);
+    if (std::isnan(momentum)) factor = 1.0 / static_cast<double>(tracked);
   }
   auto rm = channel_vector<double>(running_mean, C, 0.0);
   auto rv = channel_vector<double>(running_var, C, 0.0);

@@ -48,7 +48,7 @@ __global__ void update_running_stats_kernel(R* running_mean, R* running_var, int
   double factor = momentum;
   if (num_batches_tracked != nullptr) {
     const int64_t tracked = *num_batches_tracked + 1;
-    if (momentum < 0) factor = 1.0 / static_cast<double>(tracked);
+    if (::isnan(momentum)) factor = 1.0 / static_cast<double>(tracked);
     __syncthreads();  // every thread has read the old count
     if (threadIdx.x == 0) *num_batches_tracked = tracked;
   }
