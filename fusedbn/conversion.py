@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .modules import FusedBatchNorm2d
+from .timm_layers import fused_copy, timm_batchnorm_act
 
 
 def _fused_from(bn: nn.modules.batchnorm._BatchNorm, cls=FusedBatchNorm2d, **kwargs) -> FusedBatchNorm2d:
@@ -13,7 +16,7 @@ def _fused_from(bn: nn.modules.batchnorm._BatchNorm, cls=FusedBatchNorm2d, **kwa
     ref = bn.weight if bn.weight is not None else bn.running_mean
     new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
               device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None,
-              **kwargs)
+              bias=bn.bias is not None or not bn.affine, **kwargs)
     if bn.affine:
         new.weight, new.bias = bn.weight, bn.bias
     new.running_mean, new.running_var = bn.running_mean, bn.running_var
@@ -22,21 +25,43 @@ def _fused_from(bn: nn.modules.batchnorm._BatchNorm, cls=FusedBatchNorm2d, **kwa
     return new
 
 
+def _unknown_subclass(module: nn.Module) -> nn.Module:
+    warnings.warn(f"fusedbn: {type(module).__module__}.{type(module).__qualname__} subclasses nn.BatchNorm2d but "
+                  f"fusedbn does not know what it adds; it is left unchanged", UserWarning, stacklevel=3)
+    return module
+
+
+def _converted(module: nn.Module, fusedbn_kwargs: dict):
+    """The fusedbn replacement of a batch norm layer (or the layer itself), or None for any other module."""
+    if isinstance(module, FusedBatchNorm2d):
+        return module
+    if type(module) is nn.BatchNorm2d:
+        return _fused_from(module, **fusedbn_kwargs)
+    if type(module) is timm_batchnorm_act():
+        return fused_copy(module, **fusedbn_kwargs)
+    if isinstance(module, nn.BatchNorm2d):
+        return _unknown_subclass(module)
+    return None
+
+
 def convert_model(module: nn.Module, sync: bool = False, process_group=None, **fusedbn_kwargs) -> nn.Module:
     """Returns ``module`` with every ``nn.BatchNorm2d`` replaced by a ``FusedBatchNorm2d``.
 
     The new modules share the old ones' parameters and buffers and keep their training flag, device and
     dtype; ``state_dict`` keys are unchanged, so checkpoints load before or after conversion.
     ``fusedbn_kwargs`` (activation, small_batch, min_count, prior_count, ...) go to every new module.
-    With ``sync=True`` the replacement is ``SyncFusedBatchNorm2d`` (statistics synchronised over
-    ``process_group``), and ``nn.SyncBatchNorm`` and ``FusedBatchNorm2d`` layers are converted too.
+    timm's ``BatchNormAct2d`` is converted with its activation and drop layer (and stays a timm BatchNormAct2d to
+    timm's tools); any other subclass of nn.BatchNorm2d is left unchanged, with a warning, so that converting never
+    changes what a model computes. With ``sync=True`` the replacement is ``SyncFusedBatchNorm2d`` (statistics
+    synchronised over ``process_group``), and ``nn.SyncBatchNorm`` and ``FusedBatchNorm2d`` layers are converted too.
     """
     if sync:
         from .sync import SyncFusedBatchNorm2d
 
         return SyncFusedBatchNorm2d.convert_sync_batchnorm(module, process_group, **fusedbn_kwargs)
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, FusedBatchNorm2d):
-        return _fused_from(module, **fusedbn_kwargs)
+    converted = _converted(module, fusedbn_kwargs)
+    if converted is not None:
+        return converted
     for name, child in module.named_children():
         converted = convert_model(child, **fusedbn_kwargs)
         if converted is not child:

@@ -49,6 +49,11 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
             if not bias:
                 self.register_parameter("bias", None)
+        self._set_options(activation, negative_slope, small_batch, min_count, prior_count)
+
+    def _set_options(self, activation: str, negative_slope: float, small_batch: str, min_count: int,
+                     prior_count: float) -> None:
+        """fusedbn's own options, already checked."""
         self.activation = activation
         self.negative_slope = float(negative_slope)
         self.small_batch = small_batch
@@ -98,8 +103,12 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
             on_fallback=self._warn_small_batch)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if self.activation != "identity":
+        return super().extra_repr() + self._options_repr(with_activation=True)
+
+    def _options_repr(self, with_activation: bool) -> str:
+        """fusedbn's options where they differ from their defaults (nn's repr otherwise)."""
+        s = ""
+        if with_activation and self.activation != "identity":
             s += f", activation={self.activation!r}"
             if self.activation == "leaky_relu":
                 s += f", negative_slope={self.negative_slope}"

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._ops import ops
-from .conversion import _fused_from
-from .function import _check_tensors, _compiling, small_batch_message, small_batch_plan, update_running_stats
+from .conversion import _fused_from, _unknown_subclass
+from .function import _check_tensors, _compiling, check_eps, small_batch_message, small_batch_plan, update_running_stats
 from .modules import FusedBatchNorm2d
 from .reference import blend_moments
 
@@ -105,9 +105,9 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
-                 activation: str = "identity", negative_slope: float = 0.01, small_batch: str = "running",
-                 min_count: int = 2, prior_count: float = 16.0) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                 bias: bool = True, activation: str = "identity", negative_slope: float = 0.01,
+                 small_batch: str = "running", min_count: int = 2, prior_count: float = 16.0) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          activation=activation, negative_slope=negative_slope, small_batch=small_batch,
                          min_count=min_count, prior_count=prior_count)
         self.process_group = process_group
@@ -124,6 +124,7 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
         _check_tensors(input, running_mean, running_var, self.weight, self.bias, residual)
+        check_eps(self.eps, True)
         group = self.process_group or dist.group.WORLD
         n, _, h, w = input.shape
         local_count = n * h * w
@@ -163,8 +164,9 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None, **fusedbn_kwargs) -> nn.Module:
         """Returns ``module`` with every nn.BatchNorm2d, nn.SyncBatchNorm and FusedBatchNorm2d replaced by a
         SyncFusedBatchNorm2d sharing its parameters and buffers (FusedBatchNorm2d's options are kept)."""
-        convertible = (nn.BatchNorm2d, nn.SyncBatchNorm, FusedBatchNorm2d)
-        if isinstance(module, convertible) and not isinstance(module, cls):
+        if isinstance(module, cls):
+            return module
+        if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm, FusedBatchNorm2d):
             options = {}
             if isinstance(module, FusedBatchNorm2d):
                 options = dict(activation=module.activation, negative_slope=module.negative_slope,
@@ -174,6 +176,8 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
             converted = _fused_from(module, cls=cls, **options)
             converted.process_group = process_group
             return converted
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return _unknown_subclass(module)  # what it adds (an activation, a drop layer) would be lost
         for name, child in module.named_children():
             converted = cls.convert_sync_batchnorm(child, process_group, **fusedbn_kwargs)
             if converted is not child:

@@ -123,7 +123,7 @@ def test_fuse_activations_reports_untraceable_models():
 
 def test_batchnormact2d_timm_style():
     bn = fusedbn.BatchNormAct2d(8)  # act_layer=nn.ReLU: fused
-    assert bn.activation == "relu" and isinstance(bn.act, nn.Identity) and isinstance(bn.drop, nn.Identity)
+    assert bn.activation == "relu" and isinstance(bn.act, nn.ReLU) and isinstance(bn.drop, nn.Identity)  # as timm
     assert list(bn.state_dict().keys()) == list(nn.BatchNorm2d(8).state_dict().keys())
     leaky = fusedbn.BatchNormAct2d(8, act_layer=nn.LeakyReLU, act_kwargs=dict(negative_slope=0.2))
     assert leaky.activation == "leaky_relu" and leaky.negative_slope == 0.2
