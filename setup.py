@@ -15,6 +15,19 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
+# The torch releases fusedbn is built and tested with (.ci/run: 2.13 and 2.14; the GPU machine: 2.11).
+SUPPORTED_TORCH = ((2, 11), (2, 14))
+
+
+def check_torch() -> None:
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    (oldest, newest) = SUPPORTED_TORCH
+    if not oldest <= version <= newest:
+        raise RuntimeError(f"fusedbn supports torch {oldest[0]}.{oldest[1]} to {newest[0]}.{newest[1]}; this is "
+                           f"torch {torch.__version__}. Install a torch in that range (e.g. pip install "
+                           f"torch==2.13.0), then build with --no-build-isolation")
+
+
 def build_cuda() -> bool:
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True
@@ -55,6 +68,7 @@ def extension():
 
 
 if __name__ == "__main__":  # also under pip: setuptools runs this file as __main__; .ci/nvcc_check.py imports it
+    check_torch()
     setup(
         ext_modules=[extension()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

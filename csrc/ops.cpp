@@ -110,6 +110,35 @@ Tensor empty_in_format(const Tensor& x, at::MemoryFormat format) {
   return poisoned(at::empty(x.sizes(), x.options().memory_format(format)));
 }
 
+// The running-statistics update's arguments, checked before any buffer changes.
+void check_running_update(const Tensor& running_mean, const Tensor& running_var, const Tensor& nbt, int64_t channels,
+                          const c10::Device& device, int64_t count, std::optional<double> momentum) {
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{running_mean, "running_mean"},
+                                {running_var, "running_var"}}) {
+    TORCH_CHECK_VALUE(t.defined(), "fusedbn: running_mean and running_var must both be given or both be None");
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == channels, "fusedbn: ", name, " must have ", channels,
+                      " elements, got shape ", t.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "fusedbn: ", name, " must be floating point, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == device, "fusedbn: ", name, " is on ", t.device(), " but the batch is on ",
+                      device);
+  }
+  TORCH_CHECK_VALUE(count >= 2, "fusedbn: the unbiased variance needs count >= 2, got ", count);
+  TORCH_CHECK_VALUE(!momentum.has_value() || std::isfinite(*momentum),
+                    "fusedbn: momentum must be a finite number or None, got ", momentum.value_or(0));
+  TORCH_CHECK_VALUE(momentum.has_value() || nbt.defined(),
+                    "fusedbn: momentum=None (cumulative average) needs num_batches_tracked");
+  if (nbt.defined()) {
+    TORCH_CHECK_TYPE(nbt.scalar_type() == at::kLong && nbt.numel() == 1,
+                     "fusedbn: num_batches_tracked must be a one-element int64 tensor");
+  }
+}
+
+// momentum=None (cumulative average) reaches the kernels as NaN, which no valid momentum is.
+double kernel_momentum(std::optional<double> momentum) {
+  return momentum.value_or(std::numeric_limits<double>::quiet_NaN());
+}
+
 // ---- forward ------------------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
@@ -121,13 +150,19 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
   return {mean, m2};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
+// The training forward. When running_mean and running_var are given, they (and num_batches_tracked) are updated
+// in place after the output is computed, skipped where the batch statistics are not finite; `updated` says whether
+// they were (false when none were given).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
     const Tensor& input, const OptTensor& weight_opt, const OptTensor& bias_opt, const OptTensor& residual_opt,
     const OptTensor& prior_mean_opt, const OptTensor& prior_var_opt, double prior_count, double eps,
-    c10::string_view activation, double negative_slope) {
+    c10::string_view activation, double negative_slope, const OptTensor& running_mean_opt,
+    const OptTensor& running_var_opt, const OptTensor& num_batches_tracked_opt, std::optional<double> momentum) {
   const Tensor weight = value_or_undefined(weight_opt), bias = value_or_undefined(bias_opt);
   const Tensor residual = value_or_undefined(residual_opt);
   const Tensor prior_mean = value_or_undefined(prior_mean_opt), prior_var = value_or_undefined(prior_var_opt);
+  Tensor running_mean = value_or_undefined(running_mean_opt), running_var = value_or_undefined(running_var_opt);
+  Tensor nbt = value_or_undefined(num_batches_tracked_opt);
   check_input(input);
   check_channel_tensor(weight, "weight", input);
   check_channel_tensor(bias, "bias", input);
@@ -139,6 +174,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
   TORCH_CHECK_VALUE(prior_count == 0 || (prior_mean.defined() && prior_var.defined()),
                     "fusedbn: prior_count > 0 needs prior_mean and prior_var");
   const Activation act = parse_activation(std::string(activation));
+  const int64_t count = input.size(0) * input.size(2) * input.size(3);
+  const bool update = running_mean.defined() || running_var.defined();
+  if (update) {
+    check_running_update(running_mean, running_var, nbt, input.size(1), input.device(), count, momentum);
+  }
 
   const auto format = layout_format(input);
   const Tensor x = input.contiguous(format), z = dense(residual, format);
@@ -157,7 +197,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
                              prior_count, eps, mean, invstd);
     backend.normalize(in, output);
   }
-  return {output, mean, invstd, batch_mean, batch_m2};
+  Tensor updated = at::empty({}, batch_mean.options().dtype(at::kBool));
+  if (update) {
+    backend.update_running_stats(running_mean, running_var, nbt, batch_mean, batch_m2, count,
+                                 kernel_momentum(momentum), updated);
+  } else {
+    updated.fill_(false);
+  }
+  return {output, mean, invstd, batch_mean, batch_m2, updated};
 }
 
 std::tuple<Tensor, Tensor, Tensor> normalize(const Tensor& input, const OptTensor& weight_opt,
@@ -192,27 +239,10 @@ Tensor update_running_stats(Tensor& running_mean, Tensor& running_var, const Opt
   Tensor nbt = value_or_undefined(num_batches_tracked_opt);
   TORCH_CHECK_VALUE(batch_mean.dim() == 1 && batch_m2.sizes() == batch_mean.sizes(),
                     "fusedbn: batch_mean and batch_m2 must be 1-D tensors of the same size");
-  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{running_mean, "running_mean"},
-                                {running_var, "running_var"}}) {
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch_mean.size(0), "fusedbn: ", name, " must have ",
-                      batch_mean.size(0), " elements, got shape ", t.sizes());
-    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "fusedbn: ", name, " must be floating point, got ",
-                     t.scalar_type());
-    TORCH_CHECK_VALUE(t.device() == batch_mean.device(), "fusedbn: ", name, " is on ", t.device(),
-                      " but the batch statistics are on ", batch_mean.device());
-  }
-  TORCH_CHECK_VALUE(count >= 2, "fusedbn: the unbiased variance needs count >= 2, got ", count);
-  TORCH_CHECK_VALUE(!momentum.has_value() || std::isfinite(*momentum),
-                    "fusedbn: momentum must be a finite number or None, got ", momentum.value_or(0));
-  TORCH_CHECK_VALUE(momentum.has_value() || nbt.defined(),
-                    "fusedbn: momentum=None (cumulative average) needs num_batches_tracked");
-  if (nbt.defined()) {
-    TORCH_CHECK_TYPE(nbt.scalar_type() == at::kLong && nbt.numel() == 1,
-                     "fusedbn: num_batches_tracked must be a one-element int64 tensor");
-  }
+  check_running_update(running_mean, running_var, nbt, batch_mean.size(0), batch_mean.device(), count, momentum);
   Tensor updated = at::empty({}, batch_mean.options().dtype(at::kBool));
   backend_for(batch_mean).update_running_stats(running_mean, running_var, nbt, batch_mean, batch_m2, count,
-                                                momentum.value_or(std::numeric_limits<double>::quiet_NaN()), updated);
+                                                kernel_momentum(momentum), updated);
   return updated;
 }
 
@@ -332,8 +362,10 @@ TORCH_LIBRARY(fusedbn, m) {
   m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor m2)");
   m.def(
       "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? prior_mean, "
-      "Tensor? prior_var, float prior_count, float eps, str activation, float negative_slope) "
-      "-> (Tensor output, Tensor mean, Tensor invstd, Tensor batch_mean, Tensor batch_m2)");
+      "Tensor? prior_var, float prior_count, float eps, str activation, float negative_slope, "
+      "Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, Tensor(c!)? num_batches_tracked=None, "
+      "float? momentum=0.1) "
+      "-> (Tensor output, Tensor mean, Tensor invstd, Tensor batch_mean, Tensor batch_m2, Tensor updated)");
   m.def(
       "normalize(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor mean, Tensor var, "
       "float eps, str activation, float negative_slope) -> (Tensor output, Tensor mean_out, Tensor invstd)");

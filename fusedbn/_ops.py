@@ -50,8 +50,10 @@ def _(input):
 
 
 @torch.library.register_fake("fusedbn::forward_train")
-def _(input, weight, bias, residual, prior_mean, prior_var, prior_count, eps, activation, negative_slope):
-    return (_like_input(input),) + tuple(_per_channel(input) for _ in range(4))
+def _(input, weight, bias, residual, prior_mean, prior_var, prior_count, eps, activation, negative_slope,
+      running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1):
+    statistics = tuple(_per_channel(input) for _ in range(4))
+    return (_like_input(input),) + statistics + (input.new_empty((), dtype=torch.bool),)
 
 
 @torch.library.register_fake("fusedbn::normalize")

@@ -29,11 +29,13 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 class FusedBatchNormFunction(torch.autograd.Function):
     """y = act((x − mean)·invstd·weight + bias [+ residual]), differentiable in input, weight, bias, residual.
 
-    Returns (output, mean, invstd, batch_mean, batch_m2), as ``torch.ops.fusedbn.forward_train``; only the output
-    is differentiable. With ``batch_stats=True`` the statistics are the batch's own, blended with ``prior_count``
-    pseudo-samples at (stats_mean, stats_var) when prior_count > 0; batch_mean and batch_m2 = Σ(x − mean)² per
-    channel are for the running-statistics update. With ``batch_stats=False`` the statistics are (stats_mean,
-    stats_var), constants as in eval mode, and batch_mean and batch_m2 are empty.
+    Returns (output, mean, invstd, batch_mean, batch_m2, updated), as ``torch.ops.fusedbn.forward_train``; only
+    the output is differentiable. With ``batch_stats=True`` the statistics are the batch's own, blended with
+    ``prior_count`` pseudo-samples at (stats_mean, stats_var) when prior_count > 0; batch_mean and
+    batch_m2 = Σ(x − mean)² are per channel, and running_mean, running_var and num_batches_tracked (where given)
+    are updated in place by ``momentum`` (None: cumulative average), skipped for a non-finite batch (``updated``
+    says whether they were). With ``batch_stats=False`` the statistics are (stats_mean, stats_var), constants as
+    in eval mode; batch_mean and batch_m2 are empty and nothing is updated.
 
     Backward, forward-mode AD (``jvp``) and ``vmap`` are defined, so ``torch.func`` transforms work; the
     derivatives are those of derivatives.py; the ops carry the same backward in C++ (csrc/autograd/).
@@ -44,38 +46,43 @@ class FusedBatchNormFunction(torch.autograd.Function):
         # torch.autograd.Function.apply binds the arguments to forward's signature (inspect.signature, ~20 µs) for
         # every Function with setup_context; with every argument given positionally and no torch.func transform
         # active, that binding changes nothing, so the C++ apply is called directly.
-        if kwargs or len(args) != 11 or torch._C._are_functorch_transforms_active():
+        if kwargs or len(args) != 15 or torch._C._are_functorch_transforms_active():
             return super().apply(*args, **kwargs)
         return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
 
     @staticmethod
     def forward(input, weight, bias, residual, stats_mean, stats_var, batch_stats: bool, prior_count: float,
-                eps: float, activation: str, negative_slope: float):
-        output, mean, invstd, batch_mean, batch_m2 = _forward(
+                eps: float, activation: str, negative_slope: float, running_mean, running_var, num_batches_tracked,
+                momentum: Optional[float]):
+        output, mean, invstd, batch_mean, batch_m2, updated = _forward(
             input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation,
-            negative_slope)
+            negative_slope, running_mean, running_var, num_batches_tracked, momentum)
         if not batch_stats:
             batch_mean, batch_m2 = mean.new_empty((0,)), mean.new_empty((0,))
-        return output, mean, invstd, batch_mean, batch_m2
+            updated = mean.new_zeros((), dtype=torch.bool)
+        return output, mean, invstd, batch_mean, batch_m2, updated
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation, slope = inputs
-        _, mean, invstd, batch_mean, batch_m2 = outputs
-        ctx.mark_non_differentiable(mean, invstd, batch_mean, batch_m2)
+        input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation, slope = \
+            inputs[:11]
+        _, mean, invstd, batch_mean, batch_m2, updated = outputs
+        ctx.mark_non_differentiable(mean, invstd, batch_mean, batch_m2, updated)
         derivatives.save(ctx, input, weight, bias, residual, mean, invstd, batch_mean, stats_mean, stats_var,
                          batch_stats, prior_count, eps, activation, slope)
 
     @staticmethod
     def backward(ctx, grad_output, *_statistics):
-        return derivatives.input_gradients(ctx, grad_output) + (None,) * 7
+        return derivatives.input_gradients(ctx, grad_output) + (None,) * 11
 
     @staticmethod
-    def jvp(ctx, d_input, d_weight, d_bias, d_residual, d_stats_mean, d_stats_var, *_options):
-        if d_stats_mean is not None or d_stats_var is not None:
+    def jvp(ctx, d_input, d_weight, d_bias, d_residual, d_stats_mean, d_stats_var, _0, _1, _2, _3, _4,
+            d_running_mean, d_running_var, *_options):
+        if any(t is not None for t in (d_stats_mean, d_stats_var, d_running_mean, d_running_var)):
             raise RuntimeError("fusedbn: running_mean and running_var (or the statistics passed in their place) carry "
                                "a forward-mode tangent; batch norm treats them as constants, as nn.BatchNorm2d does")
-        return derivatives.output_tangent(ctx, d_input, d_weight, d_bias, d_residual), None, None, None, None
+        tangent = derivatives.output_tangent(ctx, d_input, d_weight, d_bias, d_residual)
+        return (tangent,) + (None,) * 5
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, residual, stats_mean, stats_var, *options):
@@ -84,15 +91,15 @@ class FusedBatchNormFunction(torch.autograd.Function):
 
 
 def _forward(input, weight, bias, residual, stats_mean, stats_var, batch_stats, prior_count, eps, activation,
-             negative_slope):
-    """(output, mean, invstd, batch_mean, batch_m2) of FusedBatchNormFunction.forward (see its docstring); the
-    batch statistics are None when batch_stats is False."""
+             negative_slope, running_mean, running_var, num_batches_tracked, momentum):
+    """(output, mean, invstd, batch_mean, batch_m2, updated) of FusedBatchNormFunction.forward (see its docstring);
+    the last three are None when batch_stats is False."""
     if batch_stats:
         return ops.forward_train(input, weight, bias, residual, stats_mean, stats_var, prior_count, eps, activation,
-                                 negative_slope)
+                                 negative_slope, running_mean, running_var, num_batches_tracked, momentum)
     output, mean, invstd = ops.normalize(input, weight, bias, residual, stats_mean, stats_var, eps, activation,
                                          negative_slope)
-    return output, mean, invstd, None, None
+    return output, mean, invstd, None, None, None
 
 
 def check_options(eps, momentum, activation, negative_slope, small_batch, min_count, prior_count,
@@ -214,7 +221,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                             num_batches_tracked if running_mean is not None else None)
     if not use_batch_stats:
         return _apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
-                      negative_slope)[0]
+                      negative_slope, None, None, None, momentum)[0]
 
     count = n * h * w
     has_running = running_mean is not None
@@ -229,42 +236,45 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         on_fallback()
     if fixed:
         return _apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
-                      negative_slope)[0]
-    # The blend reads the running statistics, which the update below overwrites: give it a copy.
+                      negative_slope, None, None, None, momentum)[0]
+    # The blend reads the running statistics, which the op updates: give it a copy.
     prior_mean = running_mean.detach().clone() if prior > 0 else None
     prior_var = running_var.detach().clone() if prior > 0 else None
-    output, batch_mean, batch_m2 = _apply(input, weight, bias, residual, prior_mean, prior_var, True, prior, eps,
-                                          activation, negative_slope)
-    if training and has_running and count >= 2:
-        # After the output exists, so that no traced graph reads the buffers after their update.
-        update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean, batch_m2, count, momentum)
+    update = training and has_running and count >= 2
+    output, updated = _apply(input, weight, bias, residual, prior_mean, prior_var, True, prior, eps, activation,
+                             negative_slope, running_mean if update else None, running_var if update else None,
+                             num_batches_tracked if update else None, momentum)
+    if update:
+        warn_if_not_updated(updated)
     return output
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
                          batch_mean: Tensor, batch_m2: Tensor, count: int, momentum: Optional[float]) -> None:
-    """The running-statistics update (skipped, with a warning, for a non-finite batch)."""
-    updated = ops.update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean, batch_m2, count,
-                                       momentum)
-    # The warning reads a flag on the host: on CUDA that would synchronise every layer of every step, so there
-    # the guard (applied on the device) is silent. item() is one op call fewer than bool() (is_nonzero, then item),
-    # and each call costs 10–30 µs on a cold cache (bench/RESULTS.md, session 10).
-    if not _compiling() and updated.is_cpu and not updated.item():
+    """The running-statistics update from given batch moments (skipped, with a warning, for a non-finite batch)."""
+    warn_if_not_updated(ops.update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean, batch_m2,
+                                                 count, momentum))
+
+
+def warn_if_not_updated(updated: Tensor) -> None:
+    """The non-finite guard's warning. It reads a flag on the host: on CUDA that would synchronise every layer of every
+    step, so there the guard (applied on the device) is silent, and so it is in graphs (torch.compile, jit.trace)."""
+    if not (_compiling() or torch.jit.is_tracing()) and updated.is_cpu and not updated.item():
         warnings.warn("fusedbn: the batch mean or variance is not finite (NaN or Inf in the input); running "
                       "statistics and num_batches_tracked were left unchanged for this batch", RuntimeWarning,
                       stacklevel=4)
 
 
 def _apply(*args):
-    """(output, batch_mean, batch_m2). The ops are differentiable themselves (a C++ autograd node, csrc/autograd/);
+    """(output, updated). The ops are differentiable themselves (a C++ autograd node, csrc/autograd/);
     FusedBatchNormFunction is taken only where forward-mode AD or a torch.func transform needs its jvp or vmap rule
     (outside torch.compile and torch.jit.trace, which record the ops)."""
     if (forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()) \
             and not (torch.jit.is_tracing() or _compiling()):
-        output, _, _, batch_mean, batch_m2 = FusedBatchNormFunction.apply(*args)
+        output, _, _, _, _, updated = FusedBatchNormFunction.apply(*args)
     else:
-        output, _, _, batch_mean, batch_m2 = _forward(*args)
-    return output, batch_mean, batch_m2
+        output, _, _, _, _, updated = _forward(*args)
+    return output, updated
 
 
 def _empty_batch(input, weight, bias, residual, activation, negative_slope, training, num_batches_tracked):

@@ -61,6 +61,13 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         self.prior_count = float(prior_count)
         self._warned_small_batch = False
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first. The module's Python layer (small-batch policy, checks, torch.func
+        # support) is not TorchScript, and TorchScript is deprecated from torch 2.13 on: say so, and what works.
+        raise RuntimeError("fusedbn: torch.jit.script is not supported (TorchScript is deprecated upstream); "
+                           "torch.jit.trace records fusedbn's ops (differentiable, saved with the model), and "
+                           "torch.compile and torch.export work")
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")

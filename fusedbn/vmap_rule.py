@@ -31,11 +31,11 @@ def _fold_channel(t: Optional[Tensor], dim: Optional[int], size: int) -> Optiona
 
 def apply_folded(apply: Callable, size: int, in_dims: tuple, tensors: tuple, options: tuple):
     """Runs apply(input, weight, bias, residual, stats_mean, stats_var, *options) on the folded tensors and
-    returns ((output, mean, invstd, batch_mean, batch_m2), out_dims) as autograd.Function.vmap does."""
+    returns the outputs and their out_dims as autograd.Function.vmap does."""
     input, weight, bias, residual, stats_mean, stats_var = tensors
     input_dim, weight_dim, bias_dim, residual_dim, mean_dim, var_dim = in_dims[:6]
     if any(d is not None for d in in_dims[6:]):
-        raise ValueError("fusedbn: vmap over a non-tensor option (batch_stats, eps, activation, ...) is not supported")
+        raise ValueError("fusedbn: vmap over the options or the running statistics is not supported")
     outputs = apply(_fold_spatial(input, input_dim, size), _fold_channel(weight, weight_dim, size),
                     _fold_channel(bias, bias_dim, size), _fold_spatial(residual, residual_dim, size),
                     _fold_channel(stats_mean, mean_dim, size), _fold_channel(stats_var, var_dim, size), *options)
@@ -43,7 +43,8 @@ def apply_folded(apply: Callable, size: int, in_dims: tuple, tensors: tuple, opt
     n, _, h, w = output.shape
     unfolded = [output.view(n, size, -1, h, w)]
     dims = [1]
-    for t in statistics:
-        unfolded.append(t.view(size, -1) if t.numel() else t)
-        dims.append(0 if t.numel() else None)
+    for t in statistics:  # per-channel vectors, empty ones (eval) and the `updated` flag
+        per_channel = t.dim() == 1 and t.numel() > 0
+        unfolded.append(t.view(size, -1) if per_channel else t)
+        dims.append(0 if per_channel else None)
     return tuple(unfolded), tuple(dims)

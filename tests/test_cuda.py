@@ -148,7 +148,7 @@ def test_opcheck_cuda():
     torch.library.opcheck(ops.batch_stats, (x,))
     torch.library.opcheck(ops.forward_train, (x, w, b, z, rm, rv, 4.0, 1e-5, "relu", 0.0))
     torch.library.opcheck(ops.normalize, (x, w, b, z, rm, rv, 1e-5, "silu", 0.0))
-    _, mean, invstd, bm, bm2 = ops.forward_train(x, w, b, z, None, None, 0.0, 1e-5, "relu", 0.0)
+    _, mean, invstd, bm, bm2, _ = ops.forward_train(x, w, b, z, None, None, 0.0, 1e-5, "relu", 0.0)
     torch.library.opcheck(ops.update_running_stats, (rm.clone(), rv.clone(), torch.tensor(2, device="cuda"), bm, bm2,
                                                      30, None))
     torch.library.opcheck(ops.backward, (dy, x, z, mean, invstd, w, b, 30.0, "relu", 0.0))
@@ -177,7 +177,7 @@ def test_statistics_and_weight_gradient_written_by_the_merges_cuda(memory_format
     w, b = torch.rand(40, device="cuda") + 0.5, torch.randn(40, device="cuda")
     prior_mean, prior_var = torch.randn(40, device="cuda"), torch.rand(40, device="cuda") + 0.5
     for prior in (0.0, 300.0):
-        _, mean, invstd, batch_mean, batch_m2 = ops.forward_train(x, w, b, None, prior_mean, prior_var, prior, 1e-5,
+        _, mean, invstd, batch_mean, batch_m2, _ = ops.forward_train(x, w, b, None, prior_mean, prior_var, prior, 1e-5,
                                                                   "relu", 0.0)
         separate_mean, separate_m2 = ops.batch_stats(x)
         assert torch.equal(batch_mean, separate_mean) and torch.equal(batch_m2, separate_m2)
@@ -188,7 +188,7 @@ def test_statistics_and_weight_gradient_written_by_the_merges_cuda(memory_format
         expected_var = (m2 + p * prior_var.double() + delta * delta * n * p / (n + p)) / (n + p)
         torch.testing.assert_close(mean, expected_mean.float(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(invstd, (expected_var + 1e-5).rsqrt().float(), rtol=1e-6, atol=0)
-    _, mean, invstd, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
+    _, mean, invstd, _, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
     _, _, dw, db = ops.backward(dy, x, None, mean, invstd, w, b, float(n), "relu", 0.0)
     s1, s2 = ops.backward_reduce(dy, x, None, mean, invstd, w, b, "relu", 0.0)
     assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd)
@@ -198,7 +198,7 @@ def test_ops_on_an_empty_batch_cuda():
     ops = torch.ops.fusedbn
     x = torch.empty(0, 3, 4, 4, device="cuda")
     w, b = torch.rand(3, device="cuda") + 0.5, torch.randn(3, device="cuda")
-    _, mean, invstd, batch_mean, batch_m2 = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
+    _, mean, invstd, batch_mean, batch_m2, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
     assert torch.equal(batch_mean.cpu(), torch.zeros(3)) and torch.equal(batch_m2.cpu(), torch.zeros(3))
     assert torch.isnan(invstd).all()  # the statistics of no values (0/0)
     mean, invstd = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")

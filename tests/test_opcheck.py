@@ -35,8 +35,9 @@ def test_opcheck_all_ops(dtype, memory_format, activation, residual, affine):
     check(ops.batch_stats, (x,))
     check(ops.forward_train, (x, w, b, z, None, None, 0.0, 1e-5, activation, 0.1))
     check(ops.forward_train, (x, w, b, z, rm, rv, 16.0, 1e-5, activation, 0.1))
+    check(ops.forward_train, (x, w, b, z, None, None, 0.0, 1e-5, activation, 0.1, rm.clone(), rv.clone(), None, 0.1))
     check(ops.normalize, (x, w, b, z, rm, rv, 1e-5, activation, 0.1))
-    _, mean, invstd, bm, bm2 = ops.forward_train(x, w, b, z, None, None, 0.0, 1e-5, activation, 0.1)
+    _, mean, invstd, bm, bm2, _ = ops.forward_train(x, w, b, z, None, None, 0.0, 1e-5, activation, 0.1)
     check(ops.update_running_stats, (rm.clone(), rv.clone(), torch.tensor(3), bm, bm2, 30, None))
     check(ops.update_running_stats, (rm.clone(), rv.clone(), None, bm, bm2, 30, 0.1))
     dy = torch.randn_like(x)
@@ -49,7 +50,7 @@ def test_opcheck_all_ops(dtype, memory_format, activation, residual, affine):
 
 def test_update_running_stats_mutates_only_declared_buffers():
     x, w, b, z, rm, rv = samples()
-    _, _, _, bm, bm2 = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "identity", 0.0)
+    _, _, _, bm, bm2, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "identity", 0.0)
     nbt = torch.tensor(0)
     rm0, rv0 = rm.clone(), rv.clone()
     updated = ops.update_running_stats(rm, rv, nbt, bm, bm2, 30, None)
@@ -70,8 +71,11 @@ def test_opcheck_differentiable_ops_with_requires_grad(dtype, memory_format, act
     check = torch.library.opcheck
     check(ops.forward_train, (x, w, b, z, None, None, 0.0, 1e-5, activation, 0.1))
     check(ops.forward_train, (x, w, b, z, rm, rv, 16.0, 1e-5, activation, 0.1))
+    # The training forward that also updates the running statistics in place (mutable arguments).
+    check(ops.forward_train, (x, w, b, z, None, None, 0.0, 1e-5, activation, 0.1, rm.clone(), rv.clone(),
+                              torch.tensor(3), None))
     check(ops.normalize, (x, w, b, z, rm, rv, 1e-5, activation, 0.1))
     with torch.no_grad():
-        _, mean, invstd, _, _ = ops.forward_train(x, w, b, z, rm, rv, 16.0, 1e-5, activation, 0.1)
+        _, mean, invstd, _, _, _ = ops.forward_train(x, w, b, z, rm, rv, 16.0, 1e-5, activation, 0.1)
     dy = torch.randn_like(x)
     check(ops.backward_composite, (dy, x, w, b, z, mean, invstd, rm, rv, True, 16.0, 1e-5, activation, 0.1))

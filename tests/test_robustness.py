@@ -131,7 +131,7 @@ def test_channel_at_a_time_forward_equals_the_separate_kernels(shape):
     # bitwise those of the separate batch_stats kernel, which the other shapes and channels_last use.
     x = random_input(shape, torch.float32, requires_grad=False)
     w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
-    _, mean, invstd, batch_mean, batch_m2 = torch.ops.fusedbn.forward_train(x, w, b, None, None, None, 0.0, 1e-5,
+    _, mean, invstd, batch_mean, batch_m2, _ = torch.ops.fusedbn.forward_train(x, w, b, None, None, None, 0.0, 1e-5,
                                                                             "relu", 0.0)
     separate_mean, separate_m2 = torch.ops.fusedbn.batch_stats(x)
     assert torch.equal(batch_mean, separate_mean) and torch.equal(batch_m2, separate_m2)
@@ -146,7 +146,7 @@ def test_channel_at_a_time_backward_equals_the_separate_kernels(act):
     x = random_input((32, 48, 32, 56), torch.float32, requires_grad=False)  # 11 MB, 229 KB per channel
     dy = torch.randn_like(x)
     w, b = torch.rand(48) + 0.5, torch.randn(48)
-    _, mean, invstd, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, act, 0.0)
+    _, mean, invstd, _, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, act, 0.0)
     count = float(32 * 32 * 56)
     dx, _, dw, db = ops.backward(dy, x, None, mean, invstd, w, b, count, act, 0.0)
     s1, s2 = ops.backward_reduce(dy, x, None, mean, invstd, w, b, act, 0.0)
@@ -164,7 +164,7 @@ def test_weight_gradient_is_the_stored_sum_times_invstd(dtype, memory_format):
     x = random_input((6, 10, 5, 7), dtype, memory_format, requires_grad=False)
     dy = torch.randn_like(x)
     w, b = torch.rand(10, dtype=dtype) + 0.5, torch.randn(10, dtype=dtype)
-    _, mean, invstd, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
+    _, mean, invstd, _, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
     _, _, dw, db = ops.backward(dy, x, None, mean, invstd, w, b, float(6 * 5 * 7), "relu", 0.0)
     s1, s2 = ops.backward_reduce(dy, x, None, mean, invstd, w, b, "relu", 0.0)
     assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd)
@@ -175,7 +175,7 @@ def test_ops_on_an_empty_batch_give_zero_sums_and_gradients():
     ops = torch.ops.fusedbn
     x = torch.empty(0, 3, 4, 4)
     w, b = torch.rand(3) + 0.5, torch.randn(3)
-    _, mean, invstd, batch_mean, batch_m2 = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
+    _, mean, invstd, batch_mean, batch_m2, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
     assert torch.equal(batch_mean, torch.zeros(3)) and torch.equal(batch_m2, torch.zeros(3))
     # The statistics of no values are NaN (0/0); given finite ones, the backward's sums over no values are 0.
     assert torch.isnan(invstd).all()

@@ -55,7 +55,7 @@ def test_first_value_far_from_the_mean(memory_format):
     assert ((mean.double() - exact).abs() <= torch.finfo(torch.float32).eps * 1e3).all()
     torch.testing.assert_close(m2.double(), exact_m2, rtol=1e-4, atol=0)
     # The training forward (channel at a time for this NCHW shape) gives bitwise the same statistics.
-    *_, batch_mean, batch_m2 = torch.ops.fusedbn.forward_train(x, None, None, None, None, None, 0.0, 1e-5,
+    _, _, _, batch_mean, batch_m2, _ = torch.ops.fusedbn.forward_train(x, None, None, None, None, None, 0.0, 1e-5,
                                                                "identity", 0.0)
     assert torch.equal(batch_mean, mean) and torch.equal(batch_m2, m2)
 

@@ -24,9 +24,9 @@ using torch::autograd::variable_list;
 Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 OptTensor defined_or_none(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-using ForwardTrainOp = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+using ForwardTrainOp = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double,
-    double, c10::string_view, double);
+    double, c10::string_view, double, const OptTensor&, const OptTensor&, const OptTensor&, std::optional<double>);
 using NormalizeOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
                                                        const OptTensor&, const Tensor&, const Tensor&, double,
                                                        c10::string_view, double);
@@ -113,24 +113,28 @@ variable_list input_gradients(AutogradContext* ctx, const Tensor& grad_output) {
   return grads;
 }
 
+// The running statistics (updated in place by the op) are buffers: no gradient reaches them.
 class ForwardTrain : public torch::autograd::Function<ForwardTrain> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& residual, const OptTensor& prior_mean,
                                const OptTensor& prior_var, double prior_count, double eps,
-                               c10::string_view activation, double negative_slope) {
+                               c10::string_view activation, double negative_slope, const OptTensor& running_mean,
+                               const OptTensor& running_var, const OptTensor& num_batches_tracked,
+                               std::optional<double> momentum) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, mean, invstd, batch_mean, batch_m2] = forward_train_op().call(
-        input, weight, bias, residual, prior_mean, prior_var, prior_count, eps, activation, negative_slope);
+    auto [output, mean, invstd, batch_mean, batch_m2, updated] = forward_train_op().call(
+        input, weight, bias, residual, prior_mean, prior_var, prior_count, eps, activation, negative_slope,
+        running_mean, running_var, num_batches_tracked, momentum);
     save(ctx, input, weight, bias, residual, mean, invstd, prior_mean, prior_var, true, prior_count, eps, activation,
          negative_slope);
-    ctx->mark_non_differentiable({mean, invstd, batch_mean, batch_m2});
-    return {output, mean, invstd, batch_mean, batch_m2};
+    ctx->mark_non_differentiable({mean, invstd, batch_mean, batch_m2, updated});
+    return {output, mean, invstd, batch_mean, batch_m2, updated};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list grads = input_gradients(ctx, grad_outputs[0]);
-    grads.resize(10);  // prior_mean, prior_var and the options get none
+    grads.resize(14);  // the prior and running statistics and the options get none
     return grads;
   }
 };
@@ -170,18 +174,20 @@ bool needs_node(const Tensor& input, const OptTensor& weight, const OptTensor& b
   return false;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
     const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
     const OptTensor& prior_mean, const OptTensor& prior_var, double prior_count, double eps,
-    c10::string_view activation, double negative_slope) {
+    c10::string_view activation, double negative_slope, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, std::optional<double> momentum) {
   if (!needs_node(input, weight, bias, residual)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_train_op().call(input, weight, bias, residual, prior_mean, prior_var, prior_count, eps, activation,
-                                   negative_slope);
+                                   negative_slope, running_mean, running_var, num_batches_tracked, momentum);
   }
-  const variable_list r = ForwardTrain::apply(input, weight, bias, residual, prior_mean, prior_var, prior_count, eps,
-                                              activation, negative_slope);
-  return {r[0], r[1], r[2], r[3], r[4]};
+  const variable_list r =
+      ForwardTrain::apply(input, weight, bias, residual, prior_mean, prior_var, prior_count, eps, activation,
+                          negative_slope, running_mean, running_var, num_batches_tracked, momentum);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
 std::tuple<Tensor, Tensor, Tensor> normalize(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
