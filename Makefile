@@ -12,7 +12,7 @@
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV ?= .venv
-DEPS = ninja numpy pybind11 setuptools wheel pytest hypothesis
+DEPS = ninja numpy pybind11 setuptools wheel pytest hypothesis expecttest
 # torchvision's wheels need a CUDA build of torch, so the model libraries are tested beside the newest torch only.
 NEWEST ?= torch==2.14.1 torchvision==0.29.1 timm==1.0.31
 NEWEST_VENV ?= .venv-newest

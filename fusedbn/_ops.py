@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the library: TORCH_LIBRARY(fusedbn) and its kernels)
+from .reference import stats_dtype
 
 ops = torch.ops.fusedbn
 
@@ -23,11 +24,6 @@ def layout_format(x: torch.Tensor) -> torch.memory_format:
     from torch._prims_common import suggest_memory_format
 
     return suggest_memory_format(x)
-
-
-def stats_dtype(x: torch.Tensor) -> torch.dtype:
-    """Per-channel statistics are float64 for float64 input and float32 otherwise."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _like_input(x: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,11 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .modules import FusedBatchNorm2d
+from .reference import ACTIVATION_MODULES
 
 # Activation modules (and timm's names for them) that the kernels fuse.
-FUSED_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu"}
-_FUSED_NAMES = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU, "swish": nn.SiLU}
+FUSED_MODULES = {module: name for name, module in ACTIVATION_MODULES.items()}
+_FUSED_NAMES = {**ACTIVATION_MODULES, "swish": nn.SiLU}
 
 
 def fused_activation(act: nn.Module, drop: nn.Module) -> Optional[tuple]:

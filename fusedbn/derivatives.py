@@ -69,7 +69,7 @@ def output_tangent(ctx, d_input: Optional[Tensor], d_weight: Optional[Tensor], d
 
     With x̂ = (x − μ)·s, s = 1/sqrt(σ² + eps) and batch statistics of m values (blended with m0 pseudo-samples,
     n = m + m0, μ = μ_B − m0·δ/n, δ = μ_B − μ_R, σ² = (M2_B + m0·σ²_R + δ²·m·m0/n)/n):
-      dμ = (m/n)·mean(dx),  dσ² = (2·Σ(x − μ_B)·dx + 2·(μ_B − μ)·m·mean(dx)) / n,  ds = −s³·dσ²/2,
+      dμ = (m/n)·mean(dx),  dσ² = (2·Σ(x − μ_B)·dx + 2·(μ_B − μ)·m·mean(dx))/n,  ds = −s³·dσ²/2,
       dx̂ = (dx − dμ)·s + (x − μ)·ds   (constant statistics: dx̂ = dx·s),
       dy = act'(pre)·(dx̂·w + x̂·dw + db + dr),  pre = x̂·w + b + r.
     """
@@ -87,8 +87,11 @@ def output_tangent(ctx, d_input: Optional[Tensor], d_weight: Optional[Tensor], d
         if ctx.batch_stats:
             m, n = ctx.batch_count, ctx.count
             d_batch_mean = dx.mean(dim=(0, 2, 3))
-            d_m2 = 2 * (centred * dx).sum(dim=(0, 2, 3)) if batch_mean is None else \
-                2 * ((x - batch_mean.view(_CHANNEL)) * dx).sum(dim=(0, 2, 3)) + 2 * (batch_mean - mean) * m * d_batch_mean
+            if batch_mean is None:  # no prior: μ = μ_B
+                d_m2 = 2 * (centred * dx).sum(dim=(0, 2, 3))
+            else:
+                d_m2 = 2 * ((x - batch_mean.view(_CHANNEL)) * dx).sum(dim=(0, 2, 3)) \
+                    + 2 * (batch_mean - mean) * m * d_batch_mean
             d_invstd = -0.5 * invstd.pow(3) * (d_m2 / n)
             d_x_hat = (dx - (m / n) * d_batch_mean.view(_CHANNEL)) * s + centred * d_invstd.view(_CHANNEL)
         else:

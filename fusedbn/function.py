@@ -1,8 +1,9 @@
-"""The autograd Function and the functional API of fused batch norm.
+"""The functional API of fused batch norm and its autograd Function.
 
 Layering: ``FusedBatchNorm2d`` (modules.py) → ``fused_batch_norm`` / ``batch_norm`` (here: argument checks,
-small-batch policy, running-statistics update) → ``FusedBatchNormFunction`` (forward and backward ops) →
-``torch.ops.fusedbn.*`` (C++ dispatch, _ops.py) → CPU/CUDA kernels.
+small-batch policy) → ``torch.ops.fusedbn.*`` (C++ dispatch, _ops.py; differentiable through a C++ autograd node;
+the training forward also updates the running statistics) → CPU/CUDA kernels. Forward-mode AD and torch.func
+transforms take ``FusedBatchNormFunction`` (jvp, vmap) on the way to the same ops.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from torch.autograd import forward_ad
 
 from ._ops import ops
 from . import derivatives, vmap_rule
-from .reference import activation_fn
+from .reference import ACTIVATIONS, activation_fn
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
 SMALL_BATCH_MODES = ("running", "blend", "error")
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)

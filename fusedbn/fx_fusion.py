@@ -9,19 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .batchnorm_act import FUSED_MODULES
 from .conversion import _fused_from
 from .modules import FusedBatchNorm2d
 
-_ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu"}
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", F.silu: "silu"}
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
 def _activation_of(node: fx.Node, modules: dict):
     """(name, negative_slope) if node applies a fusable activation to its first argument, else None."""
-    if node.op == "call_module" and type(modules[node.target]) in _ACT_MODULES:
+    if node.op == "call_module" and type(modules[node.target]) in FUSED_MODULES:
         m = modules[node.target]
-        return _ACT_MODULES[type(m)], float(getattr(m, "negative_slope", 0.01))
+        return FUSED_MODULES[type(m)], float(getattr(m, "negative_slope", 0.01))
     if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
         name = _ACT_FUNCTIONS[node.target]
         slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)

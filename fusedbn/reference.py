@@ -10,9 +10,18 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 _CHANNEL = (1, -1, 1, 1)
+
+# The activations the kernels fuse (csrc/common/activation.h), as nn modules; "identity" is none.
+ACTIVATION_MODULES = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
+ACTIVATIONS = ("identity",) + tuple(ACTIVATION_MODULES)
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """Per-channel statistics (and the kernels' math) are float64 for float64 input and float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def activation_fn(name: str, v: Tensor, negative_slope: float) -> Tensor:
@@ -38,12 +47,20 @@ def activation_derivative(name: str, pre: Tensor, negative_slope: float) -> Tens
     return torch.ones_like(pre)
 
 
+def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """(count, mean, M2) of the union of two sets given as (count, mean, M2), Chan et al.:
+    n = na + nb, δ = mean_b − mean_a, mean = mean_a + δ·nb/n, M2 = M2a + M2b + δ²·na·nb/n. Counts may be tensors;
+    an empty union (n = 0) keeps side a."""
+    count = count_a + count_b
+    share = count_b / count.clamp(min=1) if torch.is_tensor(count) else count_b / count
+    delta = mean_b - mean_a
+    return count, mean_a + delta * share, m2_a + m2_b + delta * delta * count_a * share
+
+
 def blend_moments(mean: Tensor, m2: Tensor, count, prior_mean: Tensor, prior_var: Tensor, prior_count: float):
-    """Chan merge of (count, mean, M2) with prior_count pseudo-samples at (prior_mean, prior_var):
-    n = m + m0, δ = μ − μ_R, μ̃ = μ − m0·δ/n, M2̃ = M2 + m0·σ²_R + δ²·m·m0/n. Returns (μ̃, M2̃, n)."""
-    n = count + prior_count
-    delta = mean - prior_mean
-    return mean - prior_count * delta / n, m2 + prior_count * prior_var + delta * delta * count * prior_count / n, n
+    """The batch moments merged with prior_count pseudo-samples at (prior_mean, prior_var). Returns (mean, M2, n)."""
+    n, mean, m2 = chan_merge(count, mean, m2, prior_count, prior_mean, prior_var * prior_count)
+    return mean, m2, n
 
 
 def _normalised(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
@@ -52,7 +69,7 @@ def _normalised(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     """(x̂, pre-activation, count) in the kernels' math type; count is the number of values the statistics come from
     (None for given statistics). With batch_stats the statistics are functions of input, so that everything built
     on them differentiates through them."""
-    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    dtype = stats_dtype(input)
     x = input.to(dtype)
     count = None
     if batch_stats:

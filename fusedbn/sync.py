@@ -17,7 +17,7 @@ from ._ops import ops
 from .conversion import _fused_from, _unknown_subclass
 from .function import _check_tensors, _compiling, check_eps, small_batch_message, small_batch_plan, update_running_stats
 from .modules import FusedBatchNorm2d
-from .reference import blend_moments
+from .reference import blend_moments, chan_merge, stats_dtype
 
 
 def _collective_error(what: str, group, error: Exception) -> RuntimeError:
@@ -36,15 +36,8 @@ def gather_moments(count: int, mean: Tensor, m2: Tensor, group) -> tuple:
         raise _collective_error("all_gather of the batch statistics", group, e) from e
     c = mean.numel()
     n, g_mean, g_m2 = gathered[0][0], gathered[0][1:c + 1], gathered[0][c + 1:]
-    for other in gathered[1:]:
-        nb = other[0]
-        total = n + nb
-        # Chan et al.: δ = mean_b − mean_a, mean += δ·nb/n, M2 += M2_b + δ²·na·nb/n (ranks with no values skip).
-        share = torch.where(total > 0, nb / total.clamp(min=1), torch.zeros_like(nb))
-        delta = other[1:c + 1] - g_mean
-        g_mean = g_mean + delta * share
-        g_m2 = g_m2 + other[c + 1:] + delta * delta * n * share
-        n = total
+    for other in gathered[1:]:  # in rank order; ranks with no values change nothing
+        n, g_mean, g_m2 = chan_merge(n, g_mean, g_m2, other[0], other[1:c + 1], other[c + 1:])
     return int(n.item()), g_mean, g_m2.clamp(min=0)
 
 
@@ -131,8 +124,7 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
         if local_count > 0:
             local_mean, local_m2 = ops.batch_stats(input)
         else:
-            stats = torch.float64 if input.dtype == torch.float64 else torch.float32
-            local_mean = local_m2 = torch.zeros(self.num_features, dtype=stats, device=input.device)
+            local_mean = local_m2 = torch.zeros(self.num_features, dtype=stats_dtype(input), device=input.device)
         count, mean, m2 = gather_moments(local_count, local_mean, local_m2, group)
         if count == 0:
             return super().forward(input, residual)  # nobody has values: nn's empty-batch behaviour

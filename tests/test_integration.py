@@ -142,7 +142,8 @@ def test_signatures_are_exactly_the_documented_ones():
     assert signature_of(fusedbn.FusedBatchNorm2d.__init__)[1:] == [
         ("num_features", P, empty), ("eps", P, 1e-5), ("momentum", P, 0.1), ("affine", P, True),
         ("track_running_stats", P, True), ("device", P, None), ("dtype", P, None), ("bias", K, True),
-        ("activation", K, "identity"), ("negative_slope", K, 0.01), ("small_batch", K, "running"), ("min_count", K, 2), ("prior_count", K, 16.0)]
+        ("activation", K, "identity"), ("negative_slope", K, 0.01), ("small_batch", K, "running"), ("min_count", K, 2),
+        ("prior_count", K, 16.0)]
     assert signature_of(fusedbn.fused_batch_norm) == [
         ("input", P, empty), ("running_mean", P, empty), ("running_var", P, empty), ("weight", P, None),
         ("bias", P, None), ("training", P, False), ("momentum", P, 0.1), ("eps", P, 1e-5),
