@@ -1,9 +1,11 @@
 """PyTorch integration: torch.compile (fullgraph, training and eval), torch.export, autocast, typing."""
 
+import importlib.util
 import inspect
 import os
 import typing
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +156,17 @@ def test_signatures_are_exactly_the_documented_ones():
         ("track_running_stats", P, True), ("apply_act", P, True), ("act_layer", P, nn.ReLU),
         ("act_kwargs", P, None), ("inplace", P, True), ("drop_layer", P, None), ("device", P, None),
         ("dtype", P, None)]
+
+
+@pytest.mark.parametrize("version, supported", [("2.10.1", False), ("2.11.0+cu130", True), ("2.13.0+cpu", True),
+                                                ("2.14.1", True), ("2.15.0", False)])
+def test_build_refuses_a_torch_outside_the_supported_range(monkeypatch, version, supported):
+    spec = importlib.util.spec_from_file_location("fusedbn_setup", Path(__file__).parents[1] / "setup.py")
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)  # defines, does not build: setup() runs only as __main__
+    monkeypatch.setattr(setup_module.torch, "__version__", version)
+    if supported:
+        setup_module.check_torch()
+    else:
+        with pytest.raises(RuntimeError, match=r"fusedbn supports torch 2\.11 to 2\.14; this is torch " + version):
+            setup_module.check_torch()
