@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
-from .modules import FusedBatchNorm2d
+from .modules import FusedBatchNorm2d, leave_unknown_subclass
 from .timm_layers import fused_copy, timm_batchnorm_act
-
-
-def _fused_from(bn: nn.modules.batchnorm._BatchNorm, cls=FusedBatchNorm2d, **kwargs) -> FusedBatchNorm2d:
-    """A fused module that shares bn's parameters and buffers (same objects: optimisers keep working)."""
-    ref = bn.weight if bn.weight is not None else bn.running_mean
-    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-              device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None,
-              bias=bn.bias is not None or not bn.affine, **kwargs)
-    if bn.affine:
-        new.weight, new.bias = bn.weight, bn.bias
-    new.running_mean, new.running_var = bn.running_mean, bn.running_var
-    new.num_batches_tracked = bn.num_batches_tracked
-    new.train(bn.training)
-    return new
-
-
-def _unknown_subclass(module: nn.Module) -> nn.Module:
-    warnings.warn(f"fusedbn: {type(module).__module__}.{type(module).__qualname__} subclasses nn.BatchNorm2d but "
-                  f"fusedbn does not know what it adds; it is left unchanged", UserWarning, stacklevel=3)
-    return module
 
 
 def _converted(module: nn.Module, fusedbn_kwargs: dict):
@@ -36,11 +14,11 @@ def _converted(module: nn.Module, fusedbn_kwargs: dict):
     if isinstance(module, FusedBatchNorm2d):
         return module
     if type(module) is nn.BatchNorm2d:
-        return _fused_from(module, **fusedbn_kwargs)
+        return FusedBatchNorm2d.from_batch_norm(module, **fusedbn_kwargs)
     if type(module) is timm_batchnorm_act():
         return fused_copy(module, **fusedbn_kwargs)
     if isinstance(module, nn.BatchNorm2d):
-        return _unknown_subclass(module)
+        return leave_unknown_subclass(module)
     return None
 
 

@@ -143,7 +143,7 @@ def check_eps(eps: float, training: bool) -> None:
         torch.nn.functional.batch_norm(probe, torch.zeros(1), torch.ones(1), training=training, eps=eps)
 
 
-def _check_tensors(input, running_mean, running_var, weight, bias, residual) -> None:
+def check_tensors(input, running_mean, running_var, weight, bias, residual) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != 4:
@@ -198,7 +198,7 @@ def small_batch_plan(count: int, has_running: bool, small_batch: str, min_count:
     return (True, 0.0) if small_batch == "running" else (False, float(prior_count))
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
@@ -213,7 +213,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     means the cumulative average 1/num_batches_tracked. on_fallback() is called (outside torch.compile)
     when a small batch is normalised with the running statistics.
     """
-    _check_tensors(input, running_mean, running_var, weight, bias, residual)
+    check_tensors(input, running_mean, running_var, weight, bias, residual)
     n, _, h, w = input.shape
     use_batch_stats = training or running_mean is None
     check_eps(eps, use_batch_stats)
@@ -233,7 +233,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                            "track_running_stats=False or eval mode")
     fixed, prior = small_batch_plan(count, has_running, small_batch, min_count, prior_count,
                                     lambda: small_batch_message(input, min_count))
-    if fixed and on_fallback is not None and not _compiling():
+    if fixed and on_fallback is not None and not compiling():
         on_fallback()
     if fixed:
         return _apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
@@ -260,7 +260,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_
 def warn_if_not_updated(updated: Tensor) -> None:
     """The non-finite guard's warning. It reads a flag on the host: on CUDA that would synchronise every layer of every
     step, so there the guard (applied on the device) is silent, and so it is in graphs (torch.compile, jit.trace)."""
-    if not (_compiling() or torch.jit.is_tracing()) and updated.is_cpu and not updated.item():
+    if not (compiling() or torch.jit.is_tracing()) and updated.is_cpu and not updated.item():
         warnings.warn("fusedbn: the batch mean or variance is not finite (NaN or Inf in the input); running "
                       "statistics and num_batches_tracked were left unchanged for this batch", RuntimeWarning,
                       stacklevel=4)
@@ -271,7 +271,7 @@ def _apply(*args):
     FusedBatchNormFunction is taken only where forward-mode AD or a torch.func transform needs its jvp or vmap rule
     (outside torch.compile and torch.jit.trace, which record the ops)."""
     if (forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()) \
-            and not (torch.jit.is_tracing() or _compiling()):
+            and not (torch.jit.is_tracing() or compiling()):
         output, _, _, _, _, updated = FusedBatchNormFunction.apply(*args)
     else:
         output, _, _, _, _, updated = _forward(*args)

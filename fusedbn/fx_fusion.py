@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .batchnorm_act import FUSED_MODULES
-from .conversion import _fused_from
 from .modules import FusedBatchNorm2d
 
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", F.silu: "silu"}
@@ -90,7 +89,7 @@ def fuse_activations(model: nn.Module) -> nn.Module:
         options = {}
         if isinstance(bn, FusedBatchNorm2d):
             options = dict(small_batch=bn.small_batch, min_count=bn.min_count, prior_count=bn.prior_count)
-        fused = _fused_from(bn, activation=activation[0], negative_slope=activation[1], **options)
+        fused = FusedBatchNorm2d.from_batch_norm(bn, activation=activation[0], negative_slope=activation[1], **options)
         _set_submodule(gm, node.target, fused)
         modules[node.target] = fused
         if residual is not None:

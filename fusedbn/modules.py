@@ -15,6 +15,13 @@ from .function import batch_norm, check_options
 _NN_TAKES_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
 
 
+def leave_unknown_subclass(module: nn.Module) -> nn.Module:
+    """What the conversions do with a subclass of nn.BatchNorm2d they do not know: leave it, and say so."""
+    warnings.warn(f"fusedbn: {type(module).__module__}.{type(module).__qualname__} subclasses nn.BatchNorm2d but "
+                  f"fusedbn does not know what it adds; it is left unchanged", UserWarning, stacklevel=3)
+    return module
+
+
 class FusedBatchNorm2d(nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` with fused statistics, normalisation, activation and residual add.
 
@@ -60,6 +67,22 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         self.min_count = min_count
         self.prior_count = float(prior_count)
         self._warned_small_batch = False
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm, **options) -> "FusedBatchNorm2d":
+        """A module of this class that shares bn's parameters and buffers (the same tensor objects: optimisers and
+        checkpoints keep working) and has its options, training flag, device and dtype; ``options`` are fusedbn's
+        (activation, small_batch, ...)."""
+        ref = bn.weight if bn.weight is not None else bn.running_mean
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                  device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None,
+                  bias=bn.bias is not None or not bn.affine, **options)
+        if bn.affine:
+            new.weight, new.bias = bn.weight, bn.bias
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+        new.train(bn.training)
+        return new
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first. The module's Python layer (small-batch policy, checks, torch.func

@@ -14,9 +14,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._ops import ops
-from .conversion import _fused_from, _unknown_subclass
-from .function import _check_tensors, _compiling, check_eps, small_batch_message, small_batch_plan, update_running_stats
-from .modules import FusedBatchNorm2d
+from .function import (check_eps, check_tensors, compiling, small_batch_message, small_batch_plan,
+                       update_running_stats)
+from .modules import FusedBatchNorm2d, leave_unknown_subclass
 from .reference import blend_moments, chan_merge, stats_dtype
 
 
@@ -116,7 +116,7 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
         self._check_input_dim(input)
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
-        _check_tensors(input, running_mean, running_var, self.weight, self.bias, residual)
+        check_tensors(input, running_mean, running_var, self.weight, self.bias, residual)
         check_eps(self.eps, True)
         group = self.process_group or dist.group.WORLD
         n, _, h, w = input.shape
@@ -134,7 +134,7 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
             lambda: small_batch_message(input, self.min_count).replace(
                 "got input size", f"got {count} across {dist.get_world_size(group)} ranks; local input size"))
         if fixed:
-            if not _compiling():
+            if not compiling():
                 self._warn_small_batch()
             return SyncFusedBatchNormFunction.apply(
                 input, self.weight, self.bias, residual, running_mean, running_var, None, self.eps,
@@ -165,11 +165,11 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
                                small_batch=module.small_batch, min_count=module.min_count,
                                prior_count=module.prior_count)
             options.update(fusedbn_kwargs)
-            converted = _fused_from(module, cls=cls, **options)
+            converted = cls.from_batch_norm(module, **options)
             converted.process_group = process_group
             return converted
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return _unknown_subclass(module)  # what it adds (an activation, a drop layer) would be lost
+            return leave_unknown_subclass(module)  # what it adds (an activation, a drop layer) would be lost
         for name, child in module.named_children():
             converted = cls.convert_sync_batchnorm(child, process_group, **fusedbn_kwargs)
             if converted is not child:
