@@ -17,8 +17,8 @@ _FUSED_NAMES = {**ACTIVATION_MODULES, "swish": nn.SiLU}
 def fused_activation(act: nn.Module, drop: nn.Module) -> Optional[tuple]:
     """(activation name, negative_slope) when act(drop(y)) can run inside the batch norm's pass, else None."""
     name = FUSED_MODULES.get(type(act))
-    if name is None or type(drop) is not nn.Identity:
-        return None
+    if name is None or type(drop) is not nn.Identity or getattr(act, "approximate", "none") != "none":
+        return None  # (the kernels fuse the exact GELU, not its tanh approximation)
     return name, float(getattr(act, "negative_slope", 0.01))
 
 

@@ -9,20 +9,24 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .batchnorm_act import FUSED_MODULES
+from .batchnorm_act import fused_activation
 from .modules import FusedBatchNorm2d
 
-_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", F.silu: "silu"}
+_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", F.silu: "silu", F.relu6: "relu6",
+                  F.hardswish: "hardswish", F.gelu: "gelu"}
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
 def _activation_of(node: fx.Node, modules: dict):
     """(name, negative_slope) if node applies a fusable activation to its first argument, else None."""
-    if node.op == "call_module" and type(modules[node.target]) in FUSED_MODULES:
-        m = modules[node.target]
-        return FUSED_MODULES[type(m)], float(getattr(m, "negative_slope", 0.01))
+    if node.op == "call_module":
+        return fused_activation(modules[node.target], nn.Identity())
     if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
         name = _ACT_FUNCTIONS[node.target]
+        if name == "gelu" and (len(node.args) > 1 or node.kwargs.get("approximate", "none") != "none"):
+            return None  # the kernels fuse the exact GELU only
+        if name != "leaky_relu":
+            return name, 0.01
         slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
         return (name, float(slope)) if isinstance(slope, (int, float)) else None
     if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:

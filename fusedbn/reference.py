@@ -6,6 +6,7 @@ compute. Not a fast path.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -15,7 +16,8 @@ from torch import Tensor, nn
 _CHANNEL = (1, -1, 1, 1)
 
 # The activations the kernels fuse (csrc/common/activation.h), as nn modules; "identity" is none.
-ACTIVATION_MODULES = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
+ACTIVATION_MODULES = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU, "relu6": nn.ReLU6,
+                      "hardswish": nn.Hardswish, "gelu": nn.GELU}
 ACTIVATIONS = ("identity",) + tuple(ACTIVATION_MODULES)
 
 
@@ -31,6 +33,12 @@ def activation_fn(name: str, v: Tensor, negative_slope: float) -> Tensor:
         return F.leaky_relu(v, negative_slope)
     if name == "silu":
         return F.silu(v)
+    if name == "relu6":
+        return F.relu6(v)
+    if name == "hardswish":
+        return F.hardswish(v)
+    if name == "gelu":
+        return F.gelu(v)
     return v
 
 
@@ -44,6 +52,12 @@ def activation_derivative(name: str, pre: Tensor, negative_slope: float) -> Tens
     if name == "silu":
         sig = torch.sigmoid(pre)
         return sig * (1 + pre * (1 - sig))
+    if name == "relu6":  # 1 strictly inside (0, 6), as hardtanh's backward
+        return ((pre > 0) & (pre < 6)).to(pre.dtype)
+    if name == "hardswish":  # 0 below −3, v/3 + ½ up to 3, then 1
+        return torch.where(pre < -3, torch.zeros_like(pre), torch.where(pre <= 3, pre / 3 + 0.5, torch.ones_like(pre)))
+    if name == "gelu":  # Φ(v) + v·φ(v)
+        return 0.5 * (1 + torch.erf(pre * 0.5 ** 0.5)) + pre * torch.exp(-0.5 * pre * pre) * (2 * math.pi) ** -0.5
     return torch.ones_like(pre)
 
 

@@ -11,7 +11,8 @@ import fusedbn
 from helpers import TOL, module_pair, random_input
 
 F64 = TOL[torch.float64]
-ACTS = {"identity": lambda v: v, "relu": F.relu, "leaky_relu": lambda v: F.leaky_relu(v, 0.2), "silu": F.silu}
+ACTS = {"identity": lambda v: v, "relu": F.relu, "leaky_relu": lambda v: F.leaky_relu(v, 0.2), "silu": F.silu,
+        "relu6": F.relu6, "hardswish": F.hardswish, "gelu": F.gelu}
 
 
 def run(module, x, z, act, grad):
@@ -50,7 +51,7 @@ def test_activation_and_residual_match_nn(act, residual, training, memory_format
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu", "relu6", "hardswish", "gelu"])
 def test_nan_passes_through_the_activation_as_in_torch(act, dtype):
     # A NaN batch is not hidden by the fused activation: nn.BatchNorm2d + act gives NaN for the poisoned channel.
     x = random_input((3, 4, 5, 5), dtype, requires_grad=False)
@@ -115,3 +116,25 @@ def test_fused_bn_relu_saves_only_the_input():
     fused = fusedbn.FusedBatchNorm2d(16, activation="relu")
     assert saved_bytes(fused, x) == x.numel() * 4
     assert saved_bytes(nn_layers, x) == 2 * x.numel() * 4
+
+
+def test_fuse_activations_recognises_relu6_hardswish_and_exact_gelu():
+    # MobileNetV2 (ReLU6), MobileNetV3 (Hardswish), GELU; the tanh-approximated GELU is not what the kernels compute.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bns = nn.ModuleList(nn.BatchNorm2d(3) for _ in range(5))
+            self.acts = nn.ModuleList([nn.ReLU6(), nn.Hardswish(), nn.GELU(), nn.GELU(approximate="tanh")])
+
+        def forward(self, x):
+            for bn, act in zip(self.bns, self.acts):
+                x = act(bn(x))
+            return F.gelu(self.bns[4](x))
+
+    model = Net().double()
+    x = random_input((4, 3, 5, 5), requires_grad=False)
+    expected = model(x)
+    fused = fusedbn.fuse_activations(fusedbn.convert_model(model))
+    activations = [fused.get_submodule(f"bns.{i}").activation for i in range(5)]
+    assert activations == ["relu6", "hardswish", "gelu", "identity", "gelu"]
+    torch.testing.assert_close(fused(x), expected, **F64)

@@ -7,7 +7,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import fusedbn
 from helpers import random_input
 
-ACTIVATIONS = ["identity", "relu", "leaky_relu", "silu"]
+ACTIVATIONS = ["identity", "relu", "leaky_relu", "silu", "relu6", "hardswish", "gelu"]
 
 
 def make_args(shape, residual):

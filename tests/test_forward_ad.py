@@ -13,7 +13,7 @@ import fusedbn
 from helpers import TOL, module_pair, random_input
 
 NN_ACTIVATION = {"identity": lambda v: v, "relu": F.relu, "leaky_relu": lambda v: F.leaky_relu(v, 0.2),
-                 "silu": F.silu}
+                 "silu": F.silu, "relu6": F.relu6, "hardswish": F.hardswish, "gelu": F.gelu}
 
 
 def pair(activation="identity", training=True, **kwargs):

@@ -129,13 +129,18 @@ def test_batchnormact2d_timm_style():
     assert leaky.activation == "leaky_relu" and leaky.negative_slope == 0.2
     assert fusedbn.BatchNormAct2d(8, act_layer="swish").activation == "silu"
     assert fusedbn.BatchNormAct2d(8, apply_act=False).activation == "identity"
-    gelu = fusedbn.BatchNormAct2d(8, act_layer=nn.GELU)  # not fusable: run after BN
-    assert gelu.activation == "identity" and isinstance(gelu.act, nn.GELU)
+    gelu = fusedbn.BatchNormAct2d(8, act_layer=nn.GELU)  # the exact GELU is fused
+    assert gelu.activation == "gelu" and isinstance(gelu.act, nn.GELU)
+    tanh_gelu = fusedbn.BatchNormAct2d(8, act_layer=nn.GELU, act_kwargs=dict(approximate="tanh"))
+    assert tanh_gelu.activation == "identity"  # not what the kernels compute: run after BN
+    elu = fusedbn.BatchNormAct2d(8, act_layer=nn.ELU)  # not fusable: run after BN
+    assert elu.activation == "identity" and isinstance(elu.act, nn.ELU)
     dropped = fusedbn.BatchNormAct2d(8, drop_layer=nn.Dropout)  # drop between BN and act: unfused
     assert dropped.activation == "identity" and isinstance(dropped.act, nn.ReLU)
 
     x = torch.randn(4, 8, 5, 5)
-    for module, act in ((bn, F.relu), (leaky, lambda v: F.leaky_relu(v, 0.2)), (gelu, F.gelu)):
+    for module, act in ((bn, F.relu), (leaky, lambda v: F.leaky_relu(v, 0.2)), (gelu, F.gelu),
+                        (tanh_gelu, lambda v: F.gelu(v, approximate="tanh")), (elu, F.elu)):
         ref = nn.BatchNorm2d(8)
         ref.load_state_dict(module.state_dict())
         torch.testing.assert_close(module(x), act(ref(x)), rtol=1e-5, atol=1e-5)

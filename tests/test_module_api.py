@@ -109,7 +109,8 @@ def test_empty_batch_behaves_as_nn(shape, training):
     (dict(eps="1e-5"), "eps must be a finite number"),
     (dict(momentum=math.nan), "momentum must be a finite number or None"),
     (dict(momentum=-math.inf), "momentum must be a finite number or None"),
-    (dict(activation="gelu"), "activation must be one of 'identity', 'relu', 'leaky_relu', 'silu'"),
+    (dict(activation="tanh"), "activation must be one of 'identity', 'relu', 'leaky_relu', 'silu', 'relu6', "
+                              "'hardswish', 'gelu'"),
     (dict(small_batch="ignore"), "small_batch must be one of 'running', 'blend', 'error'"),
     (dict(min_count=0), "min_count must be an integer >= 1"),
     (dict(min_count=2.5), "min_count must be an integer >= 1"),

@@ -12,15 +12,27 @@
 
 namespace fusedbn {
 
-enum class Activation { Identity, ReLU, LeakyReLU, SiLU };
+enum class Activation { Identity, ReLU, LeakyReLU, SiLU, ReLU6, Hardswish, GELU };
 
 inline Activation parse_activation(const std::string& name) {
   if (name == "identity") return Activation::Identity;
   if (name == "relu") return Activation::ReLU;
   if (name == "leaky_relu") return Activation::LeakyReLU;
   if (name == "silu") return Activation::SiLU;
-  TORCH_CHECK_VALUE(false, "fusedbn: activation must be one of 'identity', 'relu', 'leaky_relu', 'silu', got '",
-                    name, "'");
+  if (name == "relu6") return Activation::ReLU6;
+  if (name == "hardswish") return Activation::Hardswish;
+  if (name == "gelu") return Activation::GELU;
+  TORCH_CHECK_VALUE(false, "fusedbn: activation must be one of 'identity', 'relu', 'leaky_relu', 'silu', 'relu6', ",
+                    "'hardswish', 'gelu', got '", name, "'");
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T erf_of(T v) {
+#if defined(__CUDA_ARCH__)
+  return ::erf(v);
+#else
+  return std::erf(v);
+#endif
 }
 
 // exp for the activations. float on the host: a branch-free Cody–Waite reduction and a degree-6 polynomial
@@ -62,6 +74,14 @@ C10_HOST_DEVICE inline T activate(T v, T negative_slope) {
     return v < T(0) ? v * negative_slope : v;
   } else if constexpr (A == Activation::SiLU) {
     return v / (T(1) + exp_of(-v));
+  } else if constexpr (A == Activation::ReLU6) {  // F.relu6 = hardtanh(v, 0, 6)
+    return v < T(0) ? T(0) : (v > T(6) ? T(6) : v);
+  } else if constexpr (A == Activation::Hardswish) {  // v·clamp(v + 3, 0, 6)/6, in torch's order
+    T r = v + T(3);
+    r = r < T(0) ? T(0) : (r > T(6) ? T(6) : r);
+    return v * r / T(6);
+  } else if constexpr (A == Activation::GELU) {  // exact (erf) GELU: v·Φ(v) = v·½·(1 + erf(v/√2))
+    return v * T(0.5) * (T(1) + erf_of(v * T(0.70710678118654752440)));
   } else {
     return v;
   }
@@ -78,6 +98,13 @@ C10_HOST_DEVICE inline T activation_grad(T v, T negative_slope) {
   } else if constexpr (A == Activation::SiLU) {
     const T s = T(1) / (T(1) + exp_of(-v));  // silu'(v) = σ(v)·(1 + v·(1 − σ(v)))
     return s * (T(1) + v * (T(1) - s));
+  } else if constexpr (A == Activation::ReLU6) {  // 1 strictly inside (0, 6), as hardtanh's backward
+    return T(v > T(0) && v < T(6));
+  } else if constexpr (A == Activation::Hardswish) {  // 0 below −3, v/3 + ½ up to 3, then 1 (torch's kinks)
+    return v < T(-3) ? T(0) : (v <= T(3) ? v / T(3) + T(0.5) : T(1));
+  } else if constexpr (A == Activation::GELU) {  // Φ(v) + v·φ(v), φ(v) = exp(−v²/2)/√(2π)
+    const T cdf = T(0.5) * (T(1) + erf_of(v * T(0.70710678118654752440)));
+    return cdf + v * T(0.39894228040143267794) * exp_of(v * v * T(-0.5));
   } else {
     return T(1);
   }
@@ -90,6 +117,9 @@ inline auto dispatch_activation(Activation act, F&& f) {
     case Activation::ReLU: return f(std::integral_constant<Activation, Activation::ReLU>{});
     case Activation::LeakyReLU: return f(std::integral_constant<Activation, Activation::LeakyReLU>{});
     case Activation::SiLU: return f(std::integral_constant<Activation, Activation::SiLU>{});
+    case Activation::ReLU6: return f(std::integral_constant<Activation, Activation::ReLU6>{});
+    case Activation::Hardswish: return f(std::integral_constant<Activation, Activation::Hardswish>{});
+    case Activation::GELU: return f(std::integral_constant<Activation, Activation::GELU>{});
     default: return f(std::integral_constant<Activation, Activation::Identity>{});
   }
 }

@@ -57,7 +57,8 @@ struct Normalizer {
   }
 
 #if defined(__AVX2__)
-  static constexpr bool kTiles = std::is_same_v<scalar_t, c10::BFloat16> && !kResidual && A != Activation::SiLU;
+  static constexpr bool kTiles = std::is_same_v<scalar_t, c10::BFloat16> && !kResidual &&
+                                 (A == Activation::Identity || A == Activation::ReLU || A == Activation::LeakyReLU);
 
   // activate<A> on 8 values: max(0, v) returns v where v is NaN or −0, as v < 0 ? 0 : v does.
   __m256 activate8(__m256 v) const {
