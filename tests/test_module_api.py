@@ -196,3 +196,19 @@ def test_functional_rejects_bad_arguments_before_touching_buffers(change, error,
         fusedbn.fused_batch_norm(torch.randn(4, 3, 2, 2), **args)
     for k, v in kept.items():
         assert torch.equal(args[k], v), k
+
+
+def test_bias_false_is_carried_through_every_conversion():
+    # nn.BatchNorm2d(..., bias=False): a weight and no bias, no "bias" key in the state_dict.
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, bias=False), nn.ReLU()).double()
+    keys = list(model.state_dict())
+    x = random_input((2, 3, 4, 4), requires_grad=False)
+    expected = model(x)
+    converted = fusedbn.convert_model(model)
+    assert converted[1].bias is None and list(converted.state_dict()) == keys
+    fused = fusedbn.fuse_activations(converted)
+    assert fused.get_submodule("1").activation == "relu" and list(fused.state_dict()) == keys
+    torch.testing.assert_close(fused(x), expected, **TOL[torch.float64])
+    synced = fusedbn.SyncFusedBatchNorm2d.convert_sync_batchnorm(nn.BatchNorm2d(4, bias=False))
+    assert isinstance(synced, fusedbn.SyncFusedBatchNorm2d) and synced.bias is None
+    assert fusedbn.BatchNormAct2d(4, bias=False).bias is None
