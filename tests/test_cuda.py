@@ -84,7 +84,7 @@ def test_half_precision_against_nn_and_float64_on_cuda(dtype, memory_format):
             torch.testing.assert_close(value.double(), reference, rtol=1e-4, atol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "silu", "relu6", "hardswish", "gelu"])
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "cl"])
 def test_cuda_matches_cpu_backend(act, memory_format):
     shape = (6, 12, 10, 10)
@@ -106,7 +106,7 @@ def test_cuda_matches_cpu_backend(act, memory_format):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ["identity", "relu", "silu"])
+@pytest.mark.parametrize("act", ["identity", "relu", "silu", "hardswish", "gelu"])
 def test_gradcheck_cuda(training, act):
     x = random_input((3, 4, 3, 2), device="cuda")
     w = torch.rand(4, dtype=torch.float64, device="cuda", requires_grad=True)
@@ -114,7 +114,9 @@ def test_gradcheck_cuda(training, act):
     rm = torch.zeros(4, dtype=torch.float64, device="cuda")
     rv = torch.ones(4, dtype=torch.float64, device="cuda")
     fn = lambda x, w, b: fusedbn.fused_batch_norm(x, rm.clone(), rv.clone(), w, b, training, activation=act)  # noqa
+    # the C++ autograd node's backward on CUDA, and its double backward (backward_composite)
     assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
 @pytest.mark.parametrize("mode", ["running", "blend"])
@@ -148,6 +150,12 @@ def test_opcheck_cuda():
     torch.library.opcheck(ops.batch_stats, (x,))
     torch.library.opcheck(ops.forward_train, (x, w, b, z, rm, rv, 4.0, 1e-5, "relu", 0.0))
     torch.library.opcheck(ops.normalize, (x, w, b, z, rm, rv, 1e-5, "silu", 0.0))
+    # the training op that updates the running statistics in place, and the ops' autograd node
+    torch.library.opcheck(ops.forward_train, (x, w, b, z, None, None, 0.0, 1e-5, "gelu", 0.0, rm.clone(), rv.clone(),
+                                              torch.tensor(2, device="cuda"), 0.1))
+    xg, wg = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    torch.library.opcheck(ops.forward_train, (xg, wg, b, z, None, None, 0.0, 1e-5, "hardswish", 0.0))
+    torch.library.opcheck(ops.normalize, (xg, wg, b, z, rm, rv, 1e-5, "relu6", 0.0))
     _, mean, invstd, bm, bm2, _ = ops.forward_train(x, w, b, z, None, None, 0.0, 1e-5, "relu", 0.0)
     torch.library.opcheck(ops.update_running_stats, (rm.clone(), rv.clone(), torch.tensor(2, device="cuda"), bm, bm2,
                                                      30, None))
