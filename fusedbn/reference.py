@@ -1,7 +1,9 @@
 """Fused batch norm written with plain torch operations: differentiable to any order.
 
-Used for double backward (``create_graph=True``), and as a readable statement of what the kernels
-compute. Not a fast path.
+``reference_batch_norm`` states what the kernels compute; ``reference_input_gradients`` is its gradient in torch
+operations, the backward under ``create_graph=True`` and torch.func (``fusedbn::backward_composite``); the
+activations' derivatives serve forward-mode AD too. tests/test_autograd.py checks the kernels and the gradients
+against the statement. Not a fast path.
 """
 
 from __future__ import annotations

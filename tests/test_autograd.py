@@ -5,6 +5,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import fusedbn
+from fusedbn.reference import reference_batch_norm, reference_input_gradients
 from helpers import random_input
 
 ACTIVATIONS = ["identity", "relu", "leaky_relu", "silu", "relu6", "hardswish", "gelu"]
@@ -71,3 +72,27 @@ def test_gradgradcheck(training, activation):
 def test_gradgradcheck_small_batch(mode):
     x, w, b, _ = make_args((1, 3, 2, 1), False)
     assert gradgradcheck(fn(True, "silu", small_batch=mode, min_count=4), (x, w, b))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("batch_stats, prior_count", [(True, 0.0), (True, 5.0), (False, 0.0)],
+                         ids=["batch", "blend", "given"])
+def test_kernels_and_composite_gradients_agree_with_the_reference(activation, batch_stats, prior_count):
+    # reference.py states what the kernels compute; its gradients in torch operations (the backward under
+    # create_graph=True and torch.func) must be autograd's gradients of that statement.
+    x, w, b, z = make_args((2, 3, 3, 2), True)
+    prior_mean, prior_var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    given = dict(mean=prior_mean, invstd=torch.rsqrt(prior_var + 1e-3)) if not batch_stats else {}
+    options = dict(batch_stats=batch_stats, eps=1e-3, activation=activation, negative_slope=0.2,
+                   prior_mean=prior_mean, prior_var=prior_var, prior_count=prior_count, **given)
+    y = reference_batch_norm(x, w, b, z, **options)
+    ops = torch.ops.fusedbn
+    with torch.no_grad():
+        kernels = (ops.forward_train(x, w, b, z, prior_mean, prior_var, prior_count, 1e-3, activation, 0.2)[0]
+                   if batch_stats else ops.normalize(x, w, b, z, prior_mean, prior_var, 1e-3, activation, 0.2)[0])
+    torch.testing.assert_close(kernels, y.detach(), rtol=1e-9, atol=1e-9)
+    dy = torch.randn_like(y)
+    expected = torch.autograd.grad(y, (x, w, b, z), dy)
+    got = reference_input_gradients(dy, x, w, b, z, **options)
+    for name, a, e in zip(("input", "weight", "bias", "residual"), got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
