@@ -18,10 +18,7 @@ import torch
 from torch import Tensor
 
 from ._ops import ops
-from .reference import activation_derivative, reference_input_gradients
-
-_CHANNEL = (1, -1, 1, 1)
-
+from .reference import CHANNEL, activation_derivative, normalised, reference_input_gradients
 
 def save(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
          mean: Tensor, invstd: Tensor, batch_mean: Optional[Tensor], prior_mean: Optional[Tensor],
@@ -76,11 +73,11 @@ def output_tangent(ctx, d_input: Optional[Tensor], d_weight: Optional[Tensor], d
     input, weight, bias, residual, mean, invstd, batch_mean = ctx.saved_tensors
     if d_input is None and d_weight is None and d_bias is None and d_residual is None:
         return None
-    dtype = mean.dtype
+    x_hat, pre, _, _ = normalised(input, weight, bias, residual, False, ctx.eps, mean, invstd, None, None, 0.0)
+    dtype = x_hat.dtype
     x = input.to(dtype)
-    s = invstd.view(_CHANNEL)
-    centred = x - mean.view(_CHANNEL)
-    x_hat = centred * s
+    s = invstd.view(CHANNEL)
+    centred = x - mean.view(CHANNEL)
     d_pre = None
     if d_input is not None:
         dx = d_input.to(dtype)
@@ -90,24 +87,19 @@ def output_tangent(ctx, d_input: Optional[Tensor], d_weight: Optional[Tensor], d
             if batch_mean is None:  # no prior: μ = μ_B
                 d_m2 = 2 * (centred * dx).sum(dim=(0, 2, 3))
             else:
-                d_m2 = 2 * ((x - batch_mean.view(_CHANNEL)) * dx).sum(dim=(0, 2, 3)) \
+                d_m2 = 2 * ((x - batch_mean.view(CHANNEL)) * dx).sum(dim=(0, 2, 3)) \
                     + 2 * (batch_mean - mean) * m * d_batch_mean
             d_invstd = -0.5 * invstd.pow(3) * (d_m2 / n)
-            d_x_hat = (dx - (m / n) * d_batch_mean.view(_CHANNEL)) * s + centred * d_invstd.view(_CHANNEL)
+            d_x_hat = (dx - (m / n) * d_batch_mean.view(CHANNEL)) * s + centred * d_invstd.view(CHANNEL)
         else:
             d_x_hat = dx * s
-        d_pre = d_x_hat * weight.to(dtype).view(_CHANNEL) if weight is not None else d_x_hat
-    for term in (None if d_weight is None else x_hat * d_weight.to(dtype).view(_CHANNEL),
-                 None if d_bias is None else d_bias.to(dtype).view(_CHANNEL).expand_as(x),
+        d_pre = d_x_hat * weight.to(dtype).view(CHANNEL) if weight is not None else d_x_hat
+    for term in (None if d_weight is None else x_hat * d_weight.to(dtype).view(CHANNEL),
+                 None if d_bias is None else d_bias.to(dtype).view(CHANNEL).expand_as(x),
                  None if d_residual is None else d_residual.to(dtype)):
         if term is not None:
             d_pre = term if d_pre is None else d_pre + term
     if ctx.activation != "identity":
-        pre = x_hat * weight.to(dtype).view(_CHANNEL) if weight is not None else x_hat
-        if bias is not None:
-            pre = pre + bias.to(dtype).view(_CHANNEL)
-        if residual is not None:
-            pre = pre + residual.to(dtype)
         d_pre = d_pre * activation_derivative(ctx.activation, pre, ctx.negative_slope)
     return d_pre.to(input.dtype)
 

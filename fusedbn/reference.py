@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_CHANNEL = (1, -1, 1, 1)
+CHANNEL = (1, -1, 1, 1)  # a per-channel vector viewed against an (N, C, H, W) tensor
 
 # The activations the kernels fuse (csrc/common/activation.h), as nn modules; "identity" is none.
 ACTIVATION_MODULES = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU, "relu6": nn.ReLU6,
@@ -79,7 +79,7 @@ def blend_moments(mean: Tensor, m2: Tensor, count, prior_mean: Tensor, prior_var
     return mean, m2, n
 
 
-def _normalised(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+def normalised(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                 batch_stats: bool, eps: float, mean: Optional[Tensor], invstd: Optional[Tensor],
                 prior_mean: Optional[Tensor], prior_var: Optional[Tensor], prior_count: float):
     """(x̂, pre-activation, count) in the kernels' math type; count is the number of values the statistics come from
@@ -91,16 +91,16 @@ def _normalised(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     if batch_stats:
         count = x.shape[0] * x.shape[2] * x.shape[3]
         mean = x.mean(dim=(0, 2, 3))
-        m2 = ((x - mean.view(_CHANNEL)) ** 2).sum(dim=(0, 2, 3))
+        m2 = ((x - mean.view(CHANNEL)) ** 2).sum(dim=(0, 2, 3))
         if prior_count > 0:
             mean, m2, count = blend_moments(mean, m2, count, prior_mean.to(dtype), prior_var.to(dtype), prior_count)
         invstd = torch.rsqrt(m2 / count + eps)
-    x_hat = (x - mean.to(dtype).view(_CHANNEL)) * invstd.to(dtype).view(_CHANNEL)
+    x_hat = (x - mean.to(dtype).view(CHANNEL)) * invstd.to(dtype).view(CHANNEL)
     pre = x_hat
     if weight is not None:
-        pre = pre * weight.to(dtype).view(_CHANNEL)
+        pre = pre * weight.to(dtype).view(CHANNEL)
     if bias is not None:
-        pre = pre + bias.to(dtype).view(_CHANNEL)
+        pre = pre + bias.to(dtype).view(CHANNEL)
     if residual is not None:
         pre = pre + residual.to(dtype)
     return x_hat, pre, count, invstd.to(dtype)
@@ -117,7 +117,7 @@ def reference_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional
     pseudo-samples at (prior_mean, prior_var) when prior_count > 0. batch_stats=False: the constants
     (mean, invstd).
     """
-    _, pre, _, _ = _normalised(input, weight, bias, residual, batch_stats, eps, mean, invstd, prior_mean, prior_var,
+    _, pre, _, _ = normalised(input, weight, bias, residual, batch_stats, eps, mean, invstd, prior_mean, prior_var,
                                prior_count)
     return activation_fn(activation, pre, negative_slope).to(input.dtype)
 
@@ -132,7 +132,7 @@ def reference_input_gradients(grad_output: Tensor, input: Tensor, weight: Option
       grad_bias = Σg,  grad_weight = Σg·x̂,  grad_residual = g,
       grad_input = w·invstd·(g − Σg/n − x̂·Σ(g·x̂)/n)   (given statistics: w·invstd·g).
     """
-    x_hat, pre, count, invstd = _normalised(input, weight, bias, residual, batch_stats, eps, mean, invstd,
+    x_hat, pre, count, invstd = normalised(input, weight, bias, residual, batch_stats, eps, mean, invstd,
                                             prior_mean, prior_var, prior_count)
     g = grad_output.to(x_hat.dtype)
     if activation != "identity":
@@ -141,7 +141,7 @@ def reference_input_gradients(grad_output: Tensor, input: Tensor, weight: Option
     grad_weight = (g * x_hat).sum(dim=(0, 2, 3))
     scale = invstd if weight is None else invstd * weight.to(x_hat.dtype)
     centred = g if count is None else \
-        g - (grad_bias / count).view(_CHANNEL) - x_hat * (grad_weight / count).view(_CHANNEL)
-    grad_input = scale.view(_CHANNEL) * centred
+        g - (grad_bias / count).view(CHANNEL) - x_hat * (grad_weight / count).view(CHANNEL)
+    grad_input = scale.view(CHANNEL) * centred
     return (grad_input.to(input.dtype), None if weight is None else grad_weight.to(weight.dtype),
             None if bias is None else grad_bias.to(bias.dtype), g.to(input.dtype))
