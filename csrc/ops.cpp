@@ -233,6 +233,31 @@ std::tuple<Tensor, Tensor, Tensor> normalize(const Tensor& input, const OptTenso
   return {output, mean, invstd};
 }
 
+// The output of forward_train or normalize computed again from the mean and invstd they returned: the same kernel
+// on the same inputs, so the same bits. Lets a saved activation be dropped and rebuilt in the backward pass.
+Tensor renormalize(const Tensor& input, const OptTensor& weight_opt, const OptTensor& bias_opt,
+                   const OptTensor& residual_opt, const Tensor& mean, const Tensor& invstd,
+                   c10::string_view activation, double negative_slope) {
+  const Tensor weight = value_or_undefined(weight_opt), bias = value_or_undefined(bias_opt);
+  const Tensor residual = value_or_undefined(residual_opt);
+  check_input(input);
+  check_channel_tensor(weight, "weight", input);
+  check_channel_tensor(bias, "bias", input);
+  check_like_input(residual, "residual", input);
+  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.size(0) == input.size(1) && invstd.sizes() == mean.sizes(),
+                    "fusedbn: mean and invstd must be 1-D tensors of ", input.size(1), " elements");
+  TORCH_CHECK_TYPE(mean.scalar_type() == stats_dtype(input) && invstd.scalar_type() == stats_dtype(input),
+                   "fusedbn: mean and invstd must have dtype ", stats_dtype(input), " (as the forward returns them)");
+  const Activation act = parse_activation(std::string(activation));
+  const auto format = layout_format(input);
+  const Tensor x = input.contiguous(format), z = dense(residual, format);
+  Tensor output = empty_in_format(x, format);
+  backend_for(x).normalize({x, z, mean.contiguous(), invstd.contiguous(), weight, bias, make_layout(x, format), act,
+                            negative_slope},
+                           output);
+  return output;
+}
+
 Tensor update_running_stats(Tensor& running_mean, Tensor& running_var, const OptTensor& num_batches_tracked_opt,
                             const Tensor& batch_mean, const Tensor& batch_m2, int64_t count,
                             std::optional<double> momentum) {
@@ -350,6 +375,7 @@ void impl_all_ops(torch::Library& m) {
   m.impl("batch_stats", &batch_stats);
   m.impl("forward_train", &forward_train);
   m.impl("normalize", &normalize);
+  m.impl("renormalize", &renormalize);
   m.impl("update_running_stats", &update_running_stats);
   m.impl("backward_reduce", &backward_reduce);
   m.impl("backward_elemt", &backward_elemt);
@@ -369,6 +395,9 @@ TORCH_LIBRARY(fusedbn, m) {
   m.def(
       "normalize(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor mean, Tensor var, "
       "float eps, str activation, float negative_slope) -> (Tensor output, Tensor mean_out, Tensor invstd)");
+  m.def(
+      "renormalize(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor mean, Tensor invstd, "
+      "str activation, float negative_slope) -> Tensor");
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
       "Tensor batch_mean, Tensor batch_m2, int count, float? momentum) -> Tensor");

@@ -57,6 +57,11 @@ def _(input, weight, bias, residual, mean, var, eps, activation, negative_slope)
     return _like_input(input), _per_channel(input), _per_channel(input)
 
 
+@torch.library.register_fake("fusedbn::renormalize")
+def _(input, weight, bias, residual, mean, invstd, activation, negative_slope):
+    return _like_input(input)
+
+
 @torch.library.register_fake("fusedbn::update_running_stats")
 def _(running_mean, running_var, num_batches_tracked, batch_mean, batch_m2, count, momentum):
     return batch_mean.new_empty((), dtype=torch.bool)

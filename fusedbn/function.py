@@ -206,13 +206,16 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                num_batches_tracked: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                training: bool, momentum: Optional[float], eps: float, activation: str, negative_slope: float,
                residual: Optional[Tensor], small_batch: str, min_count: int, prior_count: float,
-               on_fallback: Optional[Callable[[], None]] = None) -> Tensor:
+               on_fallback: Optional[Callable[[], None]] = None, apply: Optional[Callable] = None) -> Tensor:
     """The implementation behind fused_batch_norm and the modules; options are assumed valid.
 
     num_batches_tracked (optional) is incremented with each running-statistics update; momentum=None then
     means the cumulative average 1/num_batches_tracked. on_fallback() is called (outside torch.compile)
-    when a small batch is normalised with the running statistics.
+    when a small batch is normalised with the running statistics. ``apply`` (default: the ops) runs the planned
+    normalisation: it takes FusedBatchNormFunction's 15 arguments and returns (output, updated); the conv-BN block
+    passes its own, which also differentiates the conv.
     """
+    apply = _apply if apply is None else apply
     check_tensors(input, running_mean, running_var, weight, bias, residual)
     n, _, h, w = input.shape
     use_batch_stats = training or running_mean is None
@@ -221,7 +224,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return _empty_batch(input, weight, bias, residual, activation, negative_slope, training,
                             num_batches_tracked if running_mean is not None else None)
     if not use_batch_stats:
-        return _apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
+        return apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
                       negative_slope, None, None, None, momentum)[0]
 
     count = n * h * w
@@ -236,13 +239,13 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if fixed and on_fallback is not None and not compiling():
         on_fallback()
     if fixed:
-        return _apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
+        return apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
                       negative_slope, None, None, None, momentum)[0]
     # The blend reads the running statistics, which the op updates: give it a copy.
     prior_mean = running_mean.detach().clone() if prior > 0 else None
     prior_var = running_var.detach().clone() if prior > 0 else None
     update = training and has_running and count >= 2
-    output, updated = _apply(input, weight, bias, residual, prior_mean, prior_var, True, prior, eps, activation,
+    output, updated = apply(input, weight, bias, residual, prior_mean, prior_var, True, prior, eps, activation,
                              negative_slope, running_mean if update else None, running_var if update else None,
                              num_batches_tracked if update else None, momentum)
     if update:

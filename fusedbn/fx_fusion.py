@@ -1,4 +1,5 @@
-"""fuse_activations: a torch.fx pass that folds the activation (and residual add) after a batch norm into it."""
+"""torch.fx passes over a model: fuse_activations folds the activation (and residual add) after a batch norm into it;
+fuse_conv_bn_blocks makes each conv → batch norm (→ activation, residual add) one FusedConvBatchNorm2d block."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .batchnorm_act import fused_activation
+from .batchnorm_act import BatchNormAct2d, fused_activation
+from .conv_bn.module import FusedConvBatchNorm2d
+from .conv_bn.recompute import check_policy
 from .modules import FusedBatchNorm2d
+from .timm_layers import fused_copy, timm_batchnorm_act
 
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", F.silu: "silu", F.relu6: "relu6",
                   F.hardswish: "hardswish", F.gelu: "gelu"}
@@ -61,51 +65,190 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     module called more than once, or whose output is used elsewhere too, is left alone. If the model cannot be
     traced, a warning says why and the model is returned unchanged.
     """
-    try:
-        graph = _Tracer().trace(model)
-        gm = fx.GraphModule(model, graph, type(model).__name__)
-    except Exception as e:  # noqa: BLE001  (any tracing failure: report it, change nothing)
-        warnings.warn(f"fuse_activations: {type(model).__name__} cannot be traced by torch.fx "
-                      f"({type(e).__name__}: {e}); the model is returned unchanged", UserWarning, stacklevel=2)
+    gm = _traced(model, "fuse_activations")
+    if gm is None:
         return model
-    modules = dict(gm.named_modules())
-    calls = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    modules, calls = dict(gm.named_modules()), _call_counts(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not _is_plain_bn(modules[node.target]) or calls[node.target] != 1:
             continue
-        if len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
+        if len(node.args) != 1 or node.kwargs:
             continue
-        user = next(iter(node.users))
-        residual, act_node = None, user  # BN → act
-        if _is_add(user) and len(user.users) == 1:  # BN → add(BN, z) → act
-            others = [a for a in user.args if a is not node]
-            if len(others) == 1 and isinstance(others[0], fx.Node):
-                residual, act_node = others[0], next(iter(user.users))
-        if not act_node.args or act_node.args[0] is not (node if residual is None else user):
+        epilogue = _epilogue(node, modules)
+        if epilogue is None or epilogue[2] == ("identity", 0.01):
             continue
-        activation = _activation_of(act_node, modules)
-        if activation is None:
-            continue
+        residual, tail, activation = epilogue
         bn = modules[node.target]
-        options = {}
-        if isinstance(bn, FusedBatchNorm2d):
-            options = dict(small_batch=bn.small_batch, min_count=bn.min_count, prior_count=bn.prior_count)
-        fused = FusedBatchNorm2d.from_batch_norm(bn, activation=activation[0], negative_slope=activation[1], **options)
+        fused = FusedBatchNorm2d.from_batch_norm(bn, activation=activation[0], negative_slope=activation[1],
+                                                 **_small_batch_options(bn))
         _set_submodule(gm, node.target, fused)
         modules[node.target] = fused
         if residual is not None:
             _move_before(residual, node)  # the residual must exist before the call that now consumes it
             node.kwargs = {"residual": residual}
-        act_node.replace_all_uses_with(node)
-        gm.graph.erase_node(act_node)
-        if residual is not None:
-            gm.graph.erase_node(user)
+        _erase_chain(tail, node, node)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def fuse_conv_bn_blocks(model: nn.Module, recompute: str = "auto") -> nn.Module:
+    """Rewrites conv → BN [→ act] [→ add → act] into FusedConvBatchNorm2d blocks (``recompute`` for each), for
+    training with about one stored activation per block.
+
+    Returns a ``torch.fx.GraphModule`` with the same numbers and the same ``state_dict``: the convs and batch norms stay
+    where they were, under their names and with their tensor objects (nn.BatchNorm2d layers become FusedBatchNorm2d
+    sharing them), so optimizers and checkpoints keep working; each block refers to its conv and batch norm and holds
+    no tensor of its own. A conv is fused when it is an nn.Conv2d called once whose output only feeds a batch norm
+    (nn.BatchNorm2d, FusedBatchNorm2d or fusedbn/timm's BatchNormAct2d) called once. If the model cannot be traced, a
+    warning says why and the model is returned unchanged.
+    """
+    check_policy(recompute)
+    gm = _traced(model, "fuse_conv_bn_blocks")
+    if gm is None:
+        return model
+    modules, calls = dict(gm.named_modules()), _call_counts(gm)
+
+    def conv_of(bn_node: fx.Node):
+        """The conv node feeding this batch norm node, where the two make a block, else None."""
+        if bn_node.op != "call_module" or calls.get(bn_node.target) != 1 or len(bn_node.args) != 1:
+            return None
+        conv_node = bn_node.args[0]
+        if not isinstance(conv_node, fx.Node) or conv_node.op != "call_module" or conv_node.kwargs \
+                or type(modules[conv_node.target]) is not nn.Conv2d or calls[conv_node.target] != 1 \
+                or len(conv_node.users) != 1 or len(conv_node.args) != 1:
+            return None
+        bn = _block_norm(modules[bn_node.target])
+        if bn is None or modules[conv_node.target].out_channels != bn.num_features or set(bn_node.kwargs) - {"residual"}:
+            return None
+        return conv_node
+
+    def rebuilt(residual: fx.Node) -> bool:  # the output of a block (made or to be made) that hands out a recipe
+        if recompute not in ("output", "auto") or residual.op != "call_module":
+            return False
+        if isinstance(modules.get(residual.target), FusedConvBatchNorm2d):
+            return "residual" not in residual.kwargs
+        return conv_of(residual) is not None and not residual.kwargs
+
+    for bn_node in list(gm.graph.nodes):
+        conv_node = conv_of(bn_node)
+        if conv_node is None:
+            continue
+        conv, bn = modules[conv_node.target], _block_norm(modules[bn_node.target])
+        residual, tail = bn_node.kwargs.get("residual"), bn_node
+        if type(bn) is FusedBatchNorm2d and bn.activation == "identity":  # what follows the batch norm may fuse
+            epilogue = _epilogue(bn_node, modules, rebuilt) if not bn_node.kwargs else None
+            if epilogue is not None:
+                residual, tail, (activation, slope) = epilogue
+                bn = FusedBatchNorm2d.from_batch_norm(bn, activation=activation, negative_slope=slope,
+                                                      **_small_batch_options(bn))
+        _set_submodule(gm, bn_node.target, bn)
+        modules[bn_node.target] = bn
+        block_name = _free_name(gm, f"{conv_node.target}_{bn_node.target.rpartition('.')[2]}".replace(".", "_"))
+        block = FusedConvBatchNorm2d.referring_to(conv, bn, recompute)
+        gm.add_submodule(block_name, block)
+        modules[block_name] = block
+        with gm.graph.inserting_before(tail):
+            block_node = gm.graph.call_module(block_name, conv_node.args,
+                                              {"residual": residual} if residual is not None else {})
+        _erase_chain(tail, conv_node, block_node)
+        gm.graph.erase_node(conv_node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _block_norm(module: nn.Module):
+    """The FusedBatchNorm2d a block runs for this batch norm module (the module itself, a converted copy sharing its
+    tensors, or the plain nn.BatchNorm2d that the caller converts with the activation it finds), or None."""
+    if type(module) is nn.BatchNorm2d or type(module) is FusedBatchNorm2d:
+        return module if isinstance(module, FusedBatchNorm2d) else FusedBatchNorm2d.from_batch_norm(module)
+    if type(module) is timm_batchnorm_act():
+        module = fused_copy(module)
+    if isinstance(module, BatchNormAct2d) and (module.activation != "identity" or (
+            type(module.act) is nn.Identity and type(module.drop) is nn.Identity)):
+        return module
+    return None
+
+
+def _traced(model: nn.Module, pass_name: str):
+    try:
+        graph = _Tracer().trace(model)
+        return fx.GraphModule(model, graph, type(model).__name__)
+    except Exception as e:  # noqa: BLE001  (any tracing failure: report it, change nothing)
+        warnings.warn(f"{pass_name}: {type(model).__name__} cannot be traced by torch.fx "
+                      f"({type(e).__name__}: {e}); the model is returned unchanged", UserWarning, stacklevel=3)
+        return None
+
+
+def _call_counts(gm: fx.GraphModule) -> dict:
+    calls: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def _free_name(root: nn.Module, name: str) -> str:
+    candidate, i = name, 1
+    while hasattr(root, candidate):
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+def _small_batch_options(bn: nn.Module) -> dict:
+    if isinstance(bn, FusedBatchNorm2d):
+        return dict(small_batch=bn.small_batch, min_count=bn.min_count, prior_count=bn.prior_count)
+    return {}
+
+
+def _depends_on(node: fx.Node, ancestor: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is ancestor:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def _epilogue(node: fx.Node, modules: dict, rebuilt=lambda residual: False):
+    """(residual, tail, (activation, negative_slope)) for what follows a batch norm node that can run inside it:
+    BN → act, BN → add(BN, z) → act, BN → add(BN, z) (identity); tail is the last node of it. None where nothing
+    follows that can be fused (or the BN's output is used elsewhere too).
+
+    An activation after the add is fused only where that stores nothing more than nn: the fused backward keeps the
+    residual (the activation's derivative needs the pre-activation), which costs nothing when another layer uses
+    the residual too (a block input, saved by its first conv) or when ``rebuilt(residual)`` (a conv-BN block's
+    output, rebuilt from a recipe); a residual used by the add alone (a downsample branch's output) would be one more
+    stored tensor than nn's, so there only the add is fused and the activation stays apart."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if _is_add(user):
+        others = [a for a in user.args if a is not node]
+        if len(others) != 1 or not isinstance(others[0], fx.Node) or _depends_on(others[0], node):
+            return None
+        residual = others[0]
+        if len(user.users) == 1 and (len(residual.users) > 1 or rebuilt(residual)):
+            act_node = next(iter(user.users))
+            activation = _activation_of(act_node, modules) if act_node.args and act_node.args[0] is user else None
+            if activation is not None:
+                return residual, act_node, activation
+        return residual, user, ("identity", 0.01)
+    activation = _activation_of(user, modules) if user.args and user.args[0] is node else None
+    return None if activation is None else (None, user, activation)
+
+
+def _erase_chain(tail: fx.Node, head: fx.Node, replacement: fx.Node) -> None:
+    """Replaces the uses of tail by replacement and erases the nodes from tail back to (not including) head."""
+    tail.replace_all_uses_with(replacement)
+    while tail is not head:
+        previous = next(a for a in tail.args if isinstance(a, fx.Node) and (a is head or _depends_on(a, head)))
+        tail.graph.erase_node(tail)
+        tail = previous
 
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:

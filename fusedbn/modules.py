@@ -116,21 +116,24 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
             return self._buffers[name]
         return getattr(self, name)
 
+    def statistics_for_call(self) -> tuple:
+        """(running_mean, running_var, num_batches_tracked, batch_statistics) for a call in the current mode, as
+        nn.BatchNorm2d decides them: in training without tracking, the buffers are neither used nor updated;
+        num_batches_tracked only where training updates it; batch statistics in training or without buffers."""
+        training = self.training
+        use_buffers = not training or self.track_running_stats
+        running_mean = self._state("running_mean") if use_buffers else None
+        return (running_mean, self._state("running_var") if use_buffers else None,
+                self._state("num_batches_tracked") if training and self.track_running_stats else None,
+                training or running_mean is None)
+
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
-        training = self.training
-        tracking = training and self.track_running_stats
-        # As nn.BatchNorm2d: in training without tracking, the buffers are neither used nor updated.
-        use_buffers = not training or self.track_running_stats
-        running_mean = self._state("running_mean")
-        return batch_norm(
-            input,
-            running_mean if use_buffers else None,
-            self._state("running_var") if use_buffers else None,
-            self._state("num_batches_tracked") if tracking else None,
-            self._state("weight"), self._state("bias"), training or running_mean is None, self.momentum, self.eps,
-            self.activation, self.negative_slope, residual, self.small_batch, self.min_count, self.prior_count,
-            on_fallback=self._warn_small_batch)
+        running_mean, running_var, num_batches_tracked, batch_statistics = self.statistics_for_call()
+        return batch_norm(input, running_mean, running_var, num_batches_tracked, self._state("weight"),
+                          self._state("bias"), batch_statistics, self.momentum, self.eps, self.activation,
+                          self.negative_slope, residual, self.small_batch, self.min_count, self.prior_count,
+                          on_fallback=self._warn_small_batch)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._options_repr(with_activation=True)

@@ -1,0 +1,106 @@
+"""What a conv-BN block stores for its backward pass, and how a dropped tensor is rebuilt.
+
+Policies (``recompute=``), for a block y = conv(x), out = act(BN(y) [+ r]):
+
+* ``"none"``: what nn stores: x and y (and the output, where the next layer saves it).
+* ``"output"``: x and y, and the block's output is rebuilt on demand: a later fused block that saves it as its conv
+  input stores a *recipe* instead (y and the per-channel statistics, which this block stores anyway), and rebuilds
+  it in its backward with ``fusedbn::renormalize``: the same kernel on the same inputs, so the same bits. Only the
+  output of a block without a residual gets a recipe, so rebuilding never needs another rebuilt tensor, and an
+  output changed in place since the block made it (its version counter moved) is stored as it is.
+* ``"conv"``: x only; y is recomputed by the conv in the backward (the PyTorch tutorial's way).
+* ``"auto"``: per block, ``auto_policy``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._ops import ops
+
+POLICIES = ("none", "output", "conv", "auto")
+_RECIPE_ATTRIBUTE = "_fusedbn_recipe"
+
+
+def check_policy(recompute: str) -> None:
+    if recompute not in POLICIES:
+        raise ValueError(f"recompute must be one of {', '.join(map(repr, POLICIES))}, got {recompute!r}")
+
+
+def auto_policy(conv_weight: Tensor, has_residual: bool) -> str:
+    """The policy "auto" picks for one block (bench/conv_bn.py measures the choices; README, "Conv-BN blocks").
+
+    A block whose output carries a residual cannot hand out a recipe (its output is stored by whoever saves it), so
+    its own conv output y is the tensor left to drop: it recomputes its conv when that conv is pointwise (1×1,
+    a bottleneck's widening conv: the cheapest conv to run again, and the widest tensor to keep). Every other block
+    stores y and hands out a recipe for its output, which costs one elementwise pass in the backward and no conv.
+    """
+    pointwise = conv_weight.shape[2] == 1 and conv_weight.shape[3] == 1
+    return "conv" if has_residual and pointwise else "output"
+
+
+class Recipe:
+    """How to rebuild a block's output: renormalize(conv_output, weight, bias, mean, invstd, activation).
+
+    Attached to the output tensor while the producing block's graph lives (the block drops the conv output from it
+    in its backward, after which nothing can use the recipe)."""
+
+    __slots__ = ("conv_output", "weight", "bias", "mean", "invstd", "activation", "negative_slope", "version")
+
+    def __init__(self, conv_output, weight, bias, mean, invstd, activation, negative_slope):
+        self.conv_output, self.weight, self.bias = conv_output, weight, bias
+        self.mean, self.invstd = mean, invstd
+        self.activation, self.negative_slope = activation, negative_slope
+        self.version = -1
+
+    def attach(self, output: Tensor) -> None:
+        self.version = output._version
+        setattr(output, _RECIPE_ATTRIBUTE, self)
+
+    def release(self) -> None:
+        self.conv_output = None
+
+
+def _usable_recipe(t: Tensor) -> Optional[Recipe]:
+    recipe = getattr(t, _RECIPE_ATTRIBUTE, None)
+    if recipe is None or recipe.conv_output is None or t._version != recipe.version:
+        return None
+    return recipe
+
+
+class SavedTensors:
+    """The tensors a block saves with ctx.save_for_backward, where an activation may be saved as its recipe.
+
+    ``add`` returns a slot; after ``ctx.save_for_backward(*saved.tensors)``, ``restore(slot, ctx.saved_tensors)``
+    gives the tensor back (rebuilding it from its recipe). Saving the recipe's tensors through save_for_backward
+    keeps autograd's checks (a parameter changed in place before the backward is an error) and lets
+    saved_tensors_hooks see them; they are the producer's own saved tensors, so they cost no memory.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: List[Optional[Tensor]] = []
+
+    def add(self, t: Optional[Tensor], may_rebuild: bool = False):
+        recipe = _usable_recipe(t) if may_rebuild and t is not None else None
+        start = len(self.tensors)
+        if recipe is None:
+            self.tensors.append(t)
+            return start
+        self.tensors += [recipe.conv_output, recipe.weight, recipe.bias, recipe.mean, recipe.invstd]
+        return start, recipe.activation, recipe.negative_slope
+
+    @staticmethod
+    def is_rebuilt(slot) -> bool:
+        return isinstance(slot, tuple)
+
+    @staticmethod
+    def restore(slot, saved: Tuple[Optional[Tensor], ...]) -> Optional[Tensor]:
+        if not isinstance(slot, tuple):
+            return saved[slot]
+        start, activation, negative_slope = slot
+        conv_output, weight, bias, mean, invstd = saved[start:start + 5]
+        with torch.no_grad():
+            return ops.renormalize(conv_output, weight, bias, None, mean, invstd, activation, negative_slope)
