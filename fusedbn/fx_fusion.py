@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from .batchnorm_act import BatchNormAct2d, fused_activation
 from .conv_bn.module import FusedConvBatchNorm2d
-from .conv_bn.recompute import check_policy
+from .conv_bn.recompute import auto_policy, check_policy
 from .modules import FusedBatchNorm2d
 from .timm_layers import fused_copy, timm_batchnorm_act
 
@@ -153,6 +153,13 @@ def fuse_conv_bn_blocks(model: nn.Module, recompute: str = "auto") -> nn.Module:
                                               {"residual": residual} if residual is not None else {})
         _erase_chain(tail, conv_node, block_node)
         gm.graph.erase_node(conv_node)
+    if recompute == "auto":
+        for node in gm.graph.nodes:
+            block = modules.get(node.target) if node.op == "call_module" else None
+            if isinstance(block, FusedConvBatchNorm2d):
+                rebuilt_by_users = all(u.op == "call_module" and isinstance(modules.get(u.target), FusedConvBatchNorm2d)
+                                       for u in node.users)
+                block.recompute = auto_policy(block.conv.weight, "residual" in node.kwargs, rebuilt_by_users)
     gm.graph.lint()
     gm.recompile()
     return gm

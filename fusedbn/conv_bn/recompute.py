@@ -9,7 +9,7 @@ Policies (``recompute=``), for a block y = conv(x), out = act(BN(y) [+ r]):
   output of a block without a residual gets a recipe, so rebuilding never needs another rebuilt tensor, and an
   output changed in place since the block made it (its version counter moved) is stored as it is.
 * ``"conv"``: x only; y is recomputed by the conv in the backward (the PyTorch tutorial's way).
-* ``"auto"``: per block, ``auto_policy``.
+* ``"auto"``: per block, ``auto_policy`` (fuse_conv_bn_blocks decides it once per block, from the model's graph).
 """
 
 from __future__ import annotations
@@ -30,16 +30,26 @@ def check_policy(recompute: str) -> None:
         raise ValueError(f"recompute must be one of {', '.join(map(repr, POLICIES))}, got {recompute!r}")
 
 
-def auto_policy(conv_weight: Tensor, has_residual: bool) -> str:
-    """The policy "auto" picks for one block (bench/conv_bn.py measures the choices; README, "Conv-BN blocks").
+# Multiply-adds per output element ((in_channels / groups)·kH·kW) up to which running a conv again in the backward
+# pass costs less than keeping its output: bench/memory.py measured the policies on ResNet-style networks.
+CHEAP_CONV_MACS = 1024
 
-    A block whose output carries a residual cannot hand out a recipe (its output is stored by whoever saves it), so
-    its own conv output y is the tensor left to drop: it recomputes its conv when that conv is pointwise (1×1,
-    a bottleneck's widening conv: the cheapest conv to run again, and the widest tensor to keep). Every other block
-    stores y and hands out a recipe for its output, which costs one elementwise pass in the backward and no conv.
+
+def cheap_to_recompute(conv_weight: Tensor) -> bool:
+    return conv_weight.shape[1] * conv_weight.shape[2] * conv_weight.shape[3] <= CHEAP_CONV_MACS
+
+
+def auto_policy(conv_weight: Tensor, has_residual: bool, output_rebuilt: bool = True) -> str:
+    """The policy "auto" picks for one block (README, "Conv-BN blocks").
+
+    A block whose output later blocks rebuild from a recipe stores its conv output y for that ("output"). Where they
+    cannot (the block adds a residual, so its output is stored by whoever saves it; or fuse_conv_bn_blocks saw that
+    the output goes to another kind of layer, ``output_rebuilt=False``), y is the one tensor left to drop: the block
+    recomputes its conv in the backward ("conv") when that conv is cheap (cheap_to_recompute), and stores y otherwise.
     """
-    pointwise = conv_weight.shape[2] == 1 and conv_weight.shape[3] == 1
-    return "conv" if has_residual and pointwise else "output"
+    if not has_residual and output_rebuilt:
+        return "output"
+    return "conv" if cheap_to_recompute(conv_weight) else "output"
 
 
 class Recipe:
