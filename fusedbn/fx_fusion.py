@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from .batchnorm_act import BatchNormAct2d, fused_activation
 from .conv_bn.module import FusedConvBatchNorm2d
-from .conv_bn.recompute import auto_policy, check_policy
+from .conv_bn.recompute import auto_policy, check_policy, derivative_from_output
 from .modules import FusedBatchNorm2d
 from .timm_layers import fused_copy, timm_batchnorm_act
 
@@ -123,7 +123,12 @@ def fuse_conv_bn_blocks(model: nn.Module, recompute: str = "auto") -> nn.Module:
             return None
         return conv_node
 
-    def rebuilt(residual: fx.Node) -> bool:  # the output of a block (made or to be made) that hands out a recipe
+    def residual_is_free(residual: fx.Node, activation: tuple) -> bool:
+        """Whether a block adding this residual before the activation stores nothing more than nn (recompute.py): it
+        keeps its output instead where the activation's derivative can be read from it; else it keeps the residual,
+        free where another layer uses it too or where it is a block's output rebuilt from a recipe."""
+        if derivative_from_output(*activation) or len(residual.users) > 1:
+            return True
         if recompute not in ("output", "auto") or residual.op != "call_module":
             return False
         if isinstance(modules.get(residual.target), FusedConvBatchNorm2d):
@@ -137,7 +142,7 @@ def fuse_conv_bn_blocks(model: nn.Module, recompute: str = "auto") -> nn.Module:
         conv, bn = modules[conv_node.target], _block_norm(modules[bn_node.target])
         residual, tail = bn_node.kwargs.get("residual"), bn_node
         if type(bn) is FusedBatchNorm2d and bn.activation == "identity":  # what follows the batch norm may fuse
-            epilogue = _epilogue(bn_node, modules, rebuilt) if not bn_node.kwargs else None
+            epilogue = _epilogue(bn_node, modules, residual_is_free) if not bn_node.kwargs else None
             if epilogue is not None:
                 residual, tail, (activation, slope) = epilogue
                 bn = FusedBatchNorm2d.from_batch_norm(bn, activation=activation, negative_slope=slope,
@@ -155,14 +160,29 @@ def fuse_conv_bn_blocks(model: nn.Module, recompute: str = "auto") -> nn.Module:
         gm.graph.erase_node(conv_node)
     if recompute == "auto":
         for node in gm.graph.nodes:
-            block = modules.get(node.target) if node.op == "call_module" else None
-            if isinstance(block, FusedConvBatchNorm2d):
-                rebuilt_by_users = all(u.op == "call_module" and isinstance(modules.get(u.target), FusedConvBatchNorm2d)
-                                       for u in node.users)
-                block.recompute = auto_policy(block.conv.weight, "residual" in node.kwargs, rebuilt_by_users)
+            block = _block_of(node, modules)
+            if block is not None:
+                users = [_block_of(u, modules) for u in node.users]
+                recipe_used = all(users) and any(_saves(u, user, node) for u, user in zip(node.users, users))
+                block.recompute = auto_policy(block.conv.weight, "residual" in node.kwargs, recipe_used)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _block_of(node: fx.Node, modules: dict):
+    module = modules.get(node.target) if node.op == "call_module" else None
+    return module if isinstance(module, FusedConvBatchNorm2d) else None
+
+
+def _saves(node: fx.Node, block: FusedConvBatchNorm2d, value: fx.Node) -> bool:
+    """Whether the block called at node keeps value for its backward (as its conv input, or as a residual its
+    activation's derivative needs)."""
+    if node.args and node.args[0] is value:
+        return True
+    activation = (block.bn.activation, block.bn.negative_slope)
+    return node.kwargs.get("residual") is value and activation[0] != "identity" \
+        and not derivative_from_output(*activation)
 
 
 def _block_norm(module: nn.Module):
@@ -221,16 +241,16 @@ def _depends_on(node: fx.Node, ancestor: fx.Node) -> bool:
     return False
 
 
-def _epilogue(node: fx.Node, modules: dict, rebuilt=lambda residual: False):
+def _epilogue(node: fx.Node, modules: dict, residual_is_free=lambda residual, activation: len(residual.users) > 1):
     """(residual, tail, (activation, negative_slope)) for what follows a batch norm node that can run inside it:
     BN → act, BN → add(BN, z) → act, BN → add(BN, z) (identity); tail is the last node of it. None where nothing
     follows that can be fused (or the BN's output is used elsewhere too).
 
-    An activation after the add is fused only where that stores nothing more than nn: the fused backward keeps the
-    residual (the activation's derivative needs the pre-activation), which costs nothing when another layer uses
-    the residual too (a block input, saved by its first conv) or when ``rebuilt(residual)`` (a conv-BN block's
-    output, rebuilt from a recipe); a residual used by the add alone (a downsample branch's output) would be one more
-    stored tensor than nn's, so there only the add is fused and the activation stays apart."""
+    An activation after the add is fused only where that stores nothing more than nn, ``residual_is_free(residual,
+    (activation, negative_slope))``: FusedBatchNorm2d's backward keeps the residual (the activation's derivative needs
+    the pre-activation), which costs nothing when another layer uses the residual too (a block input, saved by its
+    first conv); a residual used by the add alone (a downsample branch's output) would be one more stored tensor than
+    nn's, so there only the add is fused and the activation stays apart."""
     if len(node.users) != 1:
         return None
     user = next(iter(node.users))
@@ -239,10 +259,10 @@ def _epilogue(node: fx.Node, modules: dict, rebuilt=lambda residual: False):
         if len(others) != 1 or not isinstance(others[0], fx.Node) or _depends_on(others[0], node):
             return None
         residual = others[0]
-        if len(user.users) == 1 and (len(residual.users) > 1 or rebuilt(residual)):
+        if len(user.users) == 1:
             act_node = next(iter(user.users))
             activation = _activation_of(act_node, modules) if act_node.args and act_node.args[0] is user else None
-            if activation is not None:
+            if activation is not None and residual_is_free(residual, activation):
                 return residual, act_node, activation
         return residual, user, ("identity", 0.01)
     activation = _activation_of(user, modules) if user.args and user.args[0] is node else None

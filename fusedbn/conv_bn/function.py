@@ -17,9 +17,9 @@ from torch.autograd import forward_ad
 
 from .._ops import ops
 from ..function import batch_norm, check_eps, check_options, check_tensors, compiling
-from ..reference import activation_fn
+from ..reference import activation_derivative, activation_fn
 from .conv import ConvOptions, folded_weight_and_bias, resolve
-from .recompute import Recipe, SavedTensors, auto_policy, check_policy
+from .recompute import Recipe, SavedTensors, auto_policy, check_policy, derivative_from_output
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,13 @@ class FusedConvBatchNormFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(updated)
         blended = options.batch_stats and options.prior_count > 0
+        keeps_output = residual is not None and derivative_from_output(act, slope)
         saved = SavedTensors()
         ctx.slots = (saved.add(input, may_rebuild=True), saved.add(conv_weight), saved.add(conv_bias),
                      saved.add(None if options.recompute == "conv" else y), saved.add(weight), saved.add(bias),
-                     saved.add(residual if act != "identity" else None, may_rebuild=True), saved.add(mean),
-                     saved.add(invstd), saved.add(stats_mean if blended else None),
-                     saved.add(stats_var if blended else None))
+                     saved.add(residual if act != "identity" and not keeps_output else None, may_rebuild=True),
+                     saved.add(mean), saved.add(invstd), saved.add(stats_mean if blended else None),
+                     saved.add(stats_var if blended else None), saved.add(output if keeps_output else None))
         ctx.save_for_backward(*saved.tensors)
         ctx.recipe = None
         if options.recompute == "output" and residual is None:
@@ -91,38 +92,41 @@ class FusedConvBatchNormFunction(torch.autograd.Function):
         if grad_output is None:
             return (None,) * 13
         options, saved = ctx.options, ctx.saved_tensors
-        input, conv_weight, conv_bias, y, weight, bias, residual, mean, invstd, prior_mean, prior_var = (
+        input, conv_weight, conv_bias, y, weight, bias, residual, mean, invstd, prior_mean, prior_var, output = (
             SavedTensors.restore(slot, saved) for slot in ctx.slots)
+        activation = options.activation
+        if output is not None:  # act'(pre) read from the output: the batch norm's backward starts after the activation
+            grad_output = grad_output * activation_derivative(activation, output, options.negative_slope)
+            activation = "identity"
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():
             if SavedTensors.is_rebuilt(ctx.slots[0]) or SavedTensors.is_rebuilt(ctx.slots[6]):
                 raise RuntimeError("fusedbn: this conv-BN block's input was saved as a recipe (recompute='output' in "
                                    "the block before it), which has no graph to differentiate twice; use "
                                    "recompute='none' or 'conv' for double backward")
-            grads = _differentiable_gradients(ctx, grad_output, input, conv_weight, conv_bias, weight, bias,
-                                              residual, mean, invstd, prior_mean, prior_var)
+            grads = _differentiable_gradients(ctx, grad_output, activation, input, conv_weight, conv_bias, weight,
+                                              bias, residual, mean, invstd, prior_mean, prior_var)
         else:
             if y is None:
                 y = options.conv.convolution(input, conv_weight, conv_bias)
             grad_y, grad_residual, grad_weight, grad_bias = ops.backward(
-                grad_output, y, residual, mean, invstd, weight, bias, ctx.count, options.activation,
-                options.negative_slope)
+                grad_output, y, residual, mean, invstd, weight, bias, ctx.count, activation, options.negative_slope)
             grads = options.conv.weight_and_input_gradients(grad_y, input, conv_weight, ctx.has_conv_bias,
                                                             needs[:3]) + (grad_weight, grad_bias, grad_residual)
-        grad_residual = grads[5] if options.activation != "identity" else grad_output
+        grad_residual = grads[5] if activation != "identity" else grad_output
         grads = grads[:5] + (grad_residual if ctx.has_residual else None,)
         return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 7
 
 
-def _differentiable_gradients(ctx, grad_output, input, conv_weight, conv_bias, weight, bias, residual, mean, invstd,
-                              prior_mean, prior_var) -> tuple:
+def _differentiable_gradients(ctx, grad_output, activation, input, conv_weight, conv_bias, weight, bias, residual,
+                              mean, invstd, prior_mean, prior_var) -> tuple:
     """The block's gradients in differentiable operations (create_graph=True): the conv run again under autograd, the
     batch norm's gradients by ``fusedbn::backward_composite``, and the conv's by autograd."""
     options, needs = ctx.options, ctx.needs_input_grad
     y = options.conv.convolution(input, conv_weight, conv_bias)
     grad_y, grad_weight, grad_bias, grad_residual = ops.backward_composite(
         grad_output, y, weight, bias, residual, mean, invstd, prior_mean, prior_var, options.batch_stats,
-        options.prior_count, options.eps, options.activation, options.negative_slope)
+        options.prior_count, options.eps, activation, options.negative_slope)
     conv_inputs = [t for t, need in zip((input, conv_weight, conv_bias), needs[:3]) if need and t is not None]
     conv_grads = iter(torch.autograd.grad(y, conv_inputs, grad_y, create_graph=True) if conv_inputs else ())
     grads = tuple(next(conv_grads) if need and t is not None else None
@@ -179,8 +183,10 @@ def conv_batch_norm(input: Tensor, conv_weight: Tensor, conv_bias: Optional[Tens
     policy = auto_policy(conv_weight, residual is not None) if recompute == "auto" else recompute
     bn_args = (running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps, activation,
                negative_slope, residual, small_batch, min_count, prior_count, on_fallback)
-    if policy == "none" or not differentiable or _transform_active() or _output_like(input, conv_weight,
-                                                                                       conv).numel() == 0:
+    # Policy "none" runs as conv + FusedBatchNorm2d's ops, except where the block keeps its output rather than the
+    # residual (recompute.derivative_from_output), which only the Function does.
+    plain = policy == "none" and not (residual is not None and derivative_from_output(activation, negative_slope))
+    if plain or not differentiable or _transform_active() or _output_like(input, conv_weight, conv).numel() == 0:
         return batch_norm(conv.convolution(input, conv_weight, conv_bias), *bn_args)
     with torch.no_grad():
         conv_output = conv.convolution(input, conv_weight, conv_bias)

@@ -39,15 +39,23 @@ def cheap_to_recompute(conv_weight: Tensor) -> bool:
     return conv_weight.shape[1] * conv_weight.shape[2] * conv_weight.shape[3] <= CHEAP_CONV_MACS
 
 
-def auto_policy(conv_weight: Tensor, has_residual: bool, output_rebuilt: bool = True) -> str:
+def derivative_from_output(activation: str, negative_slope: float) -> bool:
+    """Whether act'(pre) can be read from the output act(pre) (relu, relu6, leaky_relu with a positive slope: the
+    output has the sign of pre and saturates where pre does). A block with a residual then keeps its output, which the
+    next layer keeps anyway, instead of the residual, which it would otherwise need to form pre = BN(y) + r."""
+    return activation in ("relu", "relu6") or (activation == "leaky_relu" and negative_slope > 0)
+
+
+def auto_policy(conv_weight: Tensor, has_residual: bool, recipe_used: bool = True) -> str:
     """The policy "auto" picks for one block (README, "Conv-BN blocks").
 
-    A block whose output later blocks rebuild from a recipe stores its conv output y for that ("output"). Where they
-    cannot (the block adds a residual, so its output is stored by whoever saves it; or fuse_conv_bn_blocks saw that
-    the output goes to another kind of layer, ``output_rebuilt=False``), y is the one tensor left to drop: the block
-    recomputes its conv in the backward ("conv") when that conv is cheap (cheap_to_recompute), and stores y otherwise.
+    A block whose output the next blocks save as a recipe stores its conv output y for that ("output"). Where no
+    recipe is used (the block adds a residual, so whoever saves its output stores it; or fuse_conv_bn_blocks saw that
+    the output goes to another kind of layer, or to blocks that do not save it: ``recipe_used=False``), y is only
+    needed by the block itself, and it recomputes its conv in the backward ("conv") when that conv is cheap
+    (cheap_to_recompute), storing y otherwise.
     """
-    if not has_residual and output_rebuilt:
+    if not has_residual and recipe_used:
         return "output"
     return "conv" if cheap_to_recompute(conv_weight) else "output"
 
