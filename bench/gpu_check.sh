@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for an H100/H200 machine (torch 2.11+cu130, nvcc 13.0, ninja, pytest installed; no
 # network): build with CUDA, run the CUDA tests, compute-sanitizer (memcheck, racecheck) on a small case, and the
-# GPU benchmark. Logs and the results table go to $OUT (default /tmp/fusedbn_gpu); the table is printed last.
+# GPU benchmark, then the conv-BN blocks' memory and time. Logs and the results table go to $OUT (default /tmp/fusedbn_gpu); the table is printed last.
 # Budget: under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,5 +37,8 @@ done
 step "GPU benchmark"
 timeout 200 $PY bench/bench_gpu.py --out "$OUT/gpu_results.md" --profile "$OUT/profile.txt" > "$OUT/bench.log" 2>&1 \
   || tail -30 "$OUT/bench.log"
+step "conv-BN blocks: ResNet-50-style memory and time"
+timeout 120 $PY bench/conv_bn_gpu.py --out "$OUT/conv_bn_gpu.md" > "$OUT/conv_bn_gpu.log" 2>&1 \
+  || tail -30 "$OUT/conv_bn_gpu.log"
 step "done"
-cat "$OUT/gpu_results.md" 2>/dev/null
+cat "$OUT/gpu_results.md" "$OUT/conv_bn_gpu.md" 2>/dev/null

@@ -28,17 +28,18 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def activation_fn(name: str, v: Tensor, negative_slope: float) -> Tensor:
+def activation_fn(name: str, v: Tensor, negative_slope: float, inplace: bool = False) -> Tensor:
+    """act(v); ``inplace`` overwrites v where torch has the in-place form (all but gelu)."""
     if name == "relu":
-        return F.relu(v)
+        return F.relu(v, inplace=inplace)
     if name == "leaky_relu":
-        return F.leaky_relu(v, negative_slope)
+        return F.leaky_relu(v, negative_slope, inplace=inplace)
     if name == "silu":
-        return F.silu(v)
+        return F.silu(v, inplace=inplace)
     if name == "relu6":
-        return F.relu6(v)
+        return F.relu6(v, inplace=inplace)
     if name == "hardswish":
-        return F.hardswish(v)
+        return F.hardswish(v, inplace=inplace)
     if name == "gelu":
         return F.gelu(v)
     return v

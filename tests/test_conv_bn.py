@@ -176,7 +176,7 @@ def test_reduced_precision_within_nns_own_error(dtype, recompute):
 
 
 @pytest.mark.parametrize("recompute", ["none", "conv"])
-@pytest.mark.parametrize("activation", ["identity", "silu"])
+@pytest.mark.parametrize("activation", ["identity", "silu", "relu"])
 def test_gradcheck_and_gradgradcheck(recompute, activation):
     x = random_input((3, 2, 4, 4))
     cw = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)

@@ -260,3 +260,42 @@ def test_cuda_graph_replay_matches_eager(memory_format):
     for name, buffer in eager.named_buffers():
         assert torch.equal(getattr(graphed, name), buffer), name
     assert eager.num_batches_tracked.item() == 5
+
+
+@pytest.mark.parametrize("recompute", ["none", "output", "conv", "auto"])
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "cl"])
+def test_conv_bn_blocks_on_cuda_match_the_cpu(recompute, memory_format):
+    """A chain of conv-BN blocks (3×3, depthwise, 1×1 with a residual) trained two steps and evaluated on CUDA and
+    on the CPU, float64: outputs, gradients and running statistics agree."""
+    torch.manual_seed(0)
+    cpu = nn.Sequential(
+        fusedbn.FusedConvBatchNorm2d(4, 8, 3, padding=1, activation="relu", recompute=recompute),
+        fusedbn.FusedConvBatchNorm2d(8, 8, 3, padding=1, groups=8, activation="hardswish", recompute=recompute),
+        fusedbn.FusedConvBatchNorm2d(8, 8, 1, activation="silu", recompute=recompute)).double()
+    gpu = copy.deepcopy(cpu).cuda().to(memory_format=memory_format)
+    for _ in range(2):
+        x = random_input((3, 4, 9, 7))
+        outs = []
+        for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+            xd = x.detach().to(device).contiguous(memory_format=memory_format).requires_grad_()
+            out = model(xd)
+            out.square().sum().backward()
+            outs.append((out.cpu(), xd.grad.cpu()))
+        torch.testing.assert_close(outs[1], outs[0], **TOL[torch.float64])
+    for (name, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
+        torch.testing.assert_close(b.cpu(), a, **TOL[torch.float64], msg=lambda m: f"{name}: {m}")
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(b.grad.cpu(), a.grad, **TOL[torch.float64])
+    cpu.eval(), gpu.eval()
+    x = random_input((3, 4, 9, 7), requires_grad=False)
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_renormalize_reproduces_the_training_output_bitwise_on_cuda(dtype):
+    ops = torch.ops.fusedbn
+    x = random_input((8, 32, 17, 9), dtype, device="cuda", requires_grad=False)
+    w, b = torch.rand(32, device="cuda") + 0.5, torch.randn(32, device="cuda")
+    for activation in ("relu", "silu", "gelu"):
+        out, mean, invstd, *_ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, activation, 0.01)
+        assert torch.equal(ops.renormalize(x, w, b, None, mean, invstd, activation, 0.01), out)

@@ -95,6 +95,16 @@ def test_torchvision_model_converted_trains_as_the_original(name):
     assert_same_training(original, converted, x)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
+def test_torchvision_model_with_conv_bn_blocks_trains_as_the_original(name):
+    models = library("torchvision.models")
+    torch.manual_seed(0)
+    original = randomise_statistics(getattr(models, name)(num_classes=10).double())
+    converted = fusedbn.fuse_conv_bn_blocks(copy.deepcopy(original))
+    assert count(converted, fusedbn.FusedConvBatchNorm2d) == count(original, nn.BatchNorm2d)
+    assert_same_training(original, converted, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
 def test_torchvision_norm_layer_and_conv_norm_activation():
     models = library("torchvision.models")
     ops = library("torchvision.ops")
@@ -141,6 +151,14 @@ def test_timm_model_converted_trains_as_the_original(name):
     # Every batch norm is fusedbn's, and timm's BatchNormAct2d layers stay BatchNormAct2d to timm.
     assert count(converted, nn.BatchNorm2d) == count(converted, fusedbn.FusedBatchNorm2d) > 0
     assert count(converted, norm_act) == count(original, norm_act)
+    assert_same_training(original, converted, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
+def test_timm_model_with_conv_bn_blocks_trains_as_the_original(name):
+    timm, original, _ = timm_pair(name)
+    converted = fusedbn.fuse_conv_bn_blocks(copy.deepcopy(original))
+    assert count(converted, fusedbn.FusedConvBatchNorm2d) > 0.8 * count(original, nn.BatchNorm2d)
     assert_same_training(original, converted, torch.randn(2, 3, 64, 64, dtype=torch.float64))
 
 

@@ -17,9 +17,9 @@ from torch.autograd import forward_ad
 
 from .._ops import ops
 from ..function import batch_norm, check_eps, check_options, check_tensors, compiling
-from ..reference import activation_derivative, activation_fn
+from ..reference import activation_fn
 from .conv import ConvOptions, folded_weight_and_bias, resolve
-from .recompute import Recipe, SavedTensors, auto_policy, check_policy, derivative_from_output
+from .recompute import Recipe, SavedTensors, auto_policy, check_policy, derivative_from_output, masked_by_output
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class FusedConvBatchNormFunction(torch.autograd.Function):
             SavedTensors.restore(slot, saved) for slot in ctx.slots)
         activation = options.activation
         if output is not None:  # act'(pre) read from the output: the batch norm's backward starts after the activation
-            grad_output = grad_output * activation_derivative(activation, output, options.negative_slope)
+            grad_output = masked_by_output(grad_output, output, activation, options.negative_slope)
             activation = "identity"
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():
@@ -175,9 +175,12 @@ def conv_batch_norm(input: Tensor, conv_weight: Tensor, conv_bias: Optional[Tens
         folded_weight, folded_bias = fold() if fold is not None else folded_weight_and_bias(
             conv_weight, conv_bias, running_mean, running_var, weight, bias, eps)
         output = conv.convolution(input, folded_weight, folded_bias)
+        # In place (a fresh tensor) where autograd records nothing; autograd's in-place rules otherwise.
+        inplace = not (torch.is_grad_enabled() and (output.requires_grad or (
+            residual is not None and residual.requires_grad)))
         if residual is not None:
-            output = output + residual
-        return activation_fn(activation, output, negative_slope)
+            output = output.add_(residual) if inplace else output + residual
+        return activation_fn(activation, output, negative_slope, inplace=inplace)
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, conv_weight, conv_bias, weight, bias, residual))
     policy = auto_policy(conv_weight, residual is not None) if recompute == "auto" else recompute

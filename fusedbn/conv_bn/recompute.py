@@ -32,7 +32,7 @@ def check_policy(recompute: str) -> None:
 
 # Multiply-adds per output element ((in_channels / groups)·kH·kW) up to which running a conv again in the backward
 # pass costs less than keeping its output: bench/memory.py measured the policies on ResNet-style networks.
-CHEAP_CONV_MACS = 1024
+CHEAP_CONV_MACS = 256
 
 
 def cheap_to_recompute(conv_weight: Tensor) -> bool:
@@ -44,6 +44,16 @@ def derivative_from_output(activation: str, negative_slope: float) -> bool:
     output has the sign of pre and saturates where pre does). A block with a residual then keeps its output, which the
     next layer keeps anyway, instead of the residual, which it would otherwise need to form pre = BN(y) + r."""
     return activation in ("relu", "relu6") or (activation == "leaky_relu" and negative_slope > 0)
+
+
+def masked_by_output(grad_output: Tensor, output: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """grad_output·act'(pre) from the output (derivative_from_output), by aten's own backward of the activation, which
+    reads the result as torch's in-place activations do: one pass, differentiable in grad_output."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad_output, output, 0)
+    if activation == "relu6":
+        return torch.ops.aten.hardtanh_backward(grad_output, output, 0.0, 6.0)
+    return torch.ops.aten.leaky_relu_backward(grad_output, output, negative_slope, True)
 
 
 def auto_policy(conv_weight: Tensor, has_residual: bool, recipe_used: bool = True) -> str:
