@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..function import check_options
+from ..function import check_options, compiling
 from ..modules import FusedBatchNorm2d
+from ..reference import activation_fn
 from .conv import folded_weight_and_bias
 from .function import conv_batch_norm
 from .recompute import check_policy
@@ -87,21 +88,47 @@ class FusedConvBatchNorm2d(nn.Module):
         block.train(bn.training)
         return block
 
+    def _fold_inputs(self) -> tuple:
+        conv, bn = self.conv, self.bn
+        tensors = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        key = (tensors, tuple(t._version if t is not None else None for t in tensors), bn.eps,
+               torch.is_inference_mode_enabled())
+        needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return tensors, key, needs_graph
+
     def _folded_weight_and_bias(self) -> tuple:
         """The eval-mode folding, computed again only when a tensor it reads changed (version counters) or where
         autograd needs the graph of the folding."""
-        conv, bn = self.conv, self.bn
-        tensors = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
-        if any(t is not None and t.requires_grad for t in tensors) and torch.is_grad_enabled():
-            return folded_weight_and_bias(*tensors, bn.eps)
-        key = (tensors, tuple(t._version if t is not None else None for t in tensors), bn.eps,
-               torch.is_inference_mode_enabled())
+        tensors, key, needs_graph = self._fold_inputs()
+        if needs_graph:
+            return folded_weight_and_bias(*tensors, self.bn.eps)
         if not _same_key(key, self._fold_key):
-            self._folded = tuple(t.detach() for t in folded_weight_and_bias(*tensors, bn.eps))
+            self._folded = tuple(t.detach() for t in folded_weight_and_bias(*tensors, self.bn.eps))
             self._fold_key = key
         return self._folded
 
+    def _eval_from_cache(self, input: Tensor) -> Optional[Tensor]:
+        """The eval forward without a residual where the folding is cached and the input plainly fits (else None:
+        the general path checks everything and fills the cache). Saves the checks' Python time on small convs."""
+        conv, bn = self.conv, self.bn
+        weight = conv.weight
+        if bn.training or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or not bn.eps > 0 \
+                or input.dim() != 4 or input.shape[1] != conv.in_channels or input.dtype != weight.dtype \
+                or input.device != weight.device:
+            return None
+        _, key, needs_graph = self._fold_inputs()
+        if needs_graph or not _same_key(key, self._fold_key):
+            return None
+        output = torch.convolution(input, *self._folded, conv.stride, conv.padding, conv.dilation, False, (0, 0),
+                                   conv.groups)
+        inplace = not (torch.is_grad_enabled() and output.requires_grad)
+        return activation_fn(bn.activation, output, bn.negative_slope, inplace=inplace)
+
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        graph = compiling() or torch.jit.is_tracing()  # the folding is recorded in the graph, not cached
+        output = self._eval_from_cache(input) if residual is None and not graph else None
+        if output is not None:
+            return output
         conv, bn = self.conv, self.bn
         padding = conv.padding
         if conv.padding_mode != "zeros":
@@ -111,7 +138,7 @@ class FusedConvBatchNorm2d(nn.Module):
             input, conv.weight, conv.bias, running_mean, running_var, num_batches_tracked, bn.weight, bn.bias,
             training, bn.momentum, bn.eps, conv.stride, padding, conv.dilation, conv.groups, bn.activation,
             bn.negative_slope, residual, bn.small_batch, bn.min_count, bn.prior_count, self.recompute,
-            on_fallback=bn._warn_small_batch, fold=self._folded_weight_and_bias)
+            on_fallback=bn._warn_small_batch, fold=None if graph else self._folded_weight_and_bias)
 
     def extra_repr(self) -> str:
         if "conv" in self._modules:
