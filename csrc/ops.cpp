@@ -69,6 +69,20 @@ void check_eps(double eps, bool batch_statistics) {
                     batch_statistics ? "positive during training" : "non-negative", " (and finite), but got ", eps);
 }
 
+// The operands every normalising op takes: the input, and the weight, bias and residual where given.
+void check_operands(const Tensor& input, const Tensor& weight, const Tensor& bias, const Tensor& residual) {
+  check_input(input);
+  check_channel_tensor(weight, "weight", input);
+  check_channel_tensor(bias, "bias", input);
+  check_like_input(residual, "residual", input);
+}
+
+// mean and invstd as the forward ops return them (one value per channel).
+void check_statistics(const Tensor& mean, const Tensor& invstd, const Tensor& input) {
+  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.size(0) == input.size(1) && invstd.sizes() == mean.sizes(),
+                    "fusedbn: mean and invstd must be 1-D tensors of ", input.size(1), " elements");
+}
+
 void check_finite_nonnegative(double v, const char* name) {
   TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, "fusedbn: ", name, " must be a finite number >= 0, got ", v);
 }
@@ -163,10 +177,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
   const Tensor prior_mean = value_or_undefined(prior_mean_opt), prior_var = value_or_undefined(prior_var_opt);
   Tensor running_mean = value_or_undefined(running_mean_opt), running_var = value_or_undefined(running_var_opt);
   Tensor nbt = value_or_undefined(num_batches_tracked_opt);
-  check_input(input);
-  check_channel_tensor(weight, "weight", input);
-  check_channel_tensor(bias, "bias", input);
-  check_like_input(residual, "residual", input);
+  check_operands(input, weight, bias, residual);
   check_channel_tensor(prior_mean, "prior_mean", input);
   check_channel_tensor(prior_var, "prior_var", input);
   check_eps(eps, true);
@@ -213,10 +224,7 @@ std::tuple<Tensor, Tensor, Tensor> normalize(const Tensor& input, const OptTenso
                                              c10::string_view activation, double negative_slope) {
   const Tensor weight = value_or_undefined(weight_opt), bias = value_or_undefined(bias_opt);
   const Tensor residual = value_or_undefined(residual_opt);
-  check_input(input);
-  check_channel_tensor(weight, "weight", input);
-  check_channel_tensor(bias, "bias", input);
-  check_like_input(residual, "residual", input);
+  check_operands(input, weight, bias, residual);
   check_channel_tensor(mean_in, "mean", input);
   check_channel_tensor(var_in, "var", input);
   check_eps(eps, false);
@@ -240,12 +248,8 @@ Tensor renormalize(const Tensor& input, const OptTensor& weight_opt, const OptTe
                    c10::string_view activation, double negative_slope) {
   const Tensor weight = value_or_undefined(weight_opt), bias = value_or_undefined(bias_opt);
   const Tensor residual = value_or_undefined(residual_opt);
-  check_input(input);
-  check_channel_tensor(weight, "weight", input);
-  check_channel_tensor(bias, "bias", input);
-  check_like_input(residual, "residual", input);
-  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.size(0) == input.size(1) && invstd.sizes() == mean.sizes(),
-                    "fusedbn: mean and invstd must be 1-D tensors of ", input.size(1), " elements");
+  check_operands(input, weight, bias, residual);
+  check_statistics(mean, invstd, input);
   TORCH_CHECK_TYPE(mean.scalar_type() == stats_dtype(input) && invstd.scalar_type() == stats_dtype(input),
                    "fusedbn: mean and invstd must have dtype ", stats_dtype(input), " (as the forward returns them)");
   const Activation act = parse_activation(std::string(activation));
@@ -283,13 +287,9 @@ struct BackwardArgs {
 BackwardArgs prepare_backward(const Tensor& grad_output, const Tensor& input, const Tensor& residual,
                               const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias,
                               c10::string_view activation) {
-  check_input(input);
+  check_operands(input, weight, bias, residual);
   check_like_input(grad_output, "grad_output", input);
-  check_like_input(residual, "residual", input);
-  check_channel_tensor(weight, "weight", input);
-  check_channel_tensor(bias, "bias", input);
-  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.size(0) == input.size(1) && invstd.sizes() == mean.sizes(),
-                    "fusedbn: mean and invstd must be 1-D tensors of ", input.size(1), " elements");
+  check_statistics(mean, invstd, input);
   const auto format = layout_format(input);
   const Tensor x = input.contiguous(format);
   return {format, grad_output.contiguous(format), x, dense(residual, format), make_layout(x, format),
