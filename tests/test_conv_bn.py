@@ -175,6 +175,26 @@ def test_reduced_precision_within_nns_own_error(dtype, recompute):
         assert err <= max(4 * nn_err, tol["atol"] * max(1.0, scale)), (err, nn_err)
 
 
+@pytest.mark.parametrize("recompute", POLICIES)
+def test_autocast_runs_the_block_as_nn_runs_conv_then_batch_norm(recompute):
+    conv, bn, block = reference_pair(4, 8, dtype=torch.float32, kernel_size=3, padding=1, activation="relu",
+                                     recompute=recompute)
+    x = random_input((2, 4, 6, 6), dtype=torch.float32)
+    for train in (True, False):
+        conv.train(train), bn.train(train), block.train(train)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, ref = block(x), F.relu(bn(conv(x)))
+        assert out.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
+        if not train:  # eval folds BN into the conv: rounding differs, and a ReLU mask may flip where pre ≈ 0
+            continue
+        weights = torch.randn(out.shape)  # (a plain sum's input gradient cancels to bfloat16 rounding noise)
+        (grad,) = torch.autograd.grad((out.float() * weights).sum(), x)
+        (grad_ref,) = torch.autograd.grad((ref.float() * weights).sum(), x)
+        torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0.05 * grad_ref.abs().max().item())
+    torch.testing.assert_close(block.bn.running_var, bn.running_var, **TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("recompute", ["none", "conv"])
 @pytest.mark.parametrize("activation", ["identity", "silu", "relu"])
 def test_gradcheck_and_gradgradcheck(recompute, activation):

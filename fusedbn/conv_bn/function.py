@@ -167,13 +167,20 @@ def conv_batch_norm(input: Tensor, conv_weight: Tensor, conv_bias: Optional[Tens
                     fold: Optional[Callable[[], tuple]] = None) -> Tensor:
     """The implementation behind fused_conv_batch_norm and the module; options are assumed valid (but not the
     tensors). ``fold()`` (optional) returns the eval-mode folded (weight, bias), e.g. from a cache."""
+    if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
+        # autocast runs a conv in its lower precision: the block's conv too (torch.convolution is not on autocast's
+        # list), and the batch norm takes that dtype (its parameters stay float32, as nn's do).
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, conv_weight = input.to(dtype), conv_weight.to(dtype)
+        conv_bias = conv_bias.to(dtype) if conv_bias is not None else None
+        residual = residual.to(dtype) if residual is not None else None
     input, conv = resolve(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     if not (training or running_mean is None):
         # Eval: the batch norm is an affine map, folded into the conv: no pass of its own over memory.
         check_tensors(_output_like(input, conv_weight, conv), running_mean, running_var, weight, bias, residual)
         check_eps(eps, False)
-        folded_weight, folded_bias = fold() if fold is not None else folded_weight_and_bias(
-            conv_weight, conv_bias, running_mean, running_var, weight, bias, eps)
+        folded_weight, folded_bias = (t.to(conv_weight.dtype) for t in fold()) if fold is not None else \
+            folded_weight_and_bias(conv_weight, conv_bias, running_mean, running_var, weight, bias, eps)
         output = conv.convolution(input, folded_weight, folded_bias)
         # In place (a fresh tensor) where autograd records nothing; autograd's in-place rules otherwise.
         inplace = not (torch.is_grad_enabled() and (output.requires_grad or (

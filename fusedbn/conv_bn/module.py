@@ -113,6 +113,7 @@ class FusedConvBatchNorm2d(nn.Module):
         conv, bn = self.conv, self.bn
         weight = conv.weight
         if bn.training or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or not bn.eps > 0 \
+                or torch.is_autocast_enabled(input.device.type) \
                 or input.dim() != 4 or input.shape[1] != conv.in_channels or input.dtype != weight.dtype \
                 or input.device != weight.device:
             return None
