@@ -368,6 +368,20 @@ def test_eval_folding_is_cached_and_follows_changes():
     assert not torch.equal(first, block(x).detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "silu"])
+def test_cached_eval_is_the_folded_conv_then_the_activation_bit_for_bit(dtype, memory_format, activation):
+    block = FusedConvBatchNorm2d(6, 8, 3, stride=2, padding=1, groups=2, activation=activation).to(dtype).eval()
+    with torch.no_grad():
+        block.bn.running_mean.normal_(), block.bn.running_var.uniform_(0.5, 2)
+        x = random_input((3, 6, 9, 7), dtype, memory_format, requires_grad=False)
+        block(x)  # fills the cache
+        folded_weight, folded_bias = block._folded
+        expected = activation_fn(activation, F.conv2d(x, folded_weight, folded_bias, 2, 1, 1, 2), 0.01)
+        assert torch.equal(block(x), expected)
+
+
 def test_eval_gradients_flow_to_every_parameter():
     conv, bn, block = reference_pair(3, 4, kernel_size=3, padding=1, activation="silu")
     conv.eval(), bn.eval(), block.eval()

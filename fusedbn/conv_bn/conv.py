@@ -28,6 +28,19 @@ class ConvOptions:
         return torch.convolution(input, weight, bias, self.stride, self.padding, self.dilation, False, (0, 0),
                                  self.groups)
 
+    def convolution_with_activation(self, input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                                    negative_slope: float) -> Optional[Tensor]:
+        """act(conv(x)) as one oneDNN call with the activation as a post-op (the op torch.compile's CPU backend uses),
+        where that exists: CPU, float32 or bfloat16, no autograd, and an activation it computes exactly as torch
+        does (relu, relu6: bit for bit). None elsewhere (and for the identity, where there is nothing to fuse)."""
+        post_op = _ONEDNN_POST_OPS.get(activation)
+        if post_op is None or _POINTWISE is None or input.device.type != "cpu" \
+                or input.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        attr, scalars = post_op(negative_slope)
+        return _POINTWISE(input, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                          attr, scalars, "")
+
     def weight_and_input_gradients(self, grad_output: Tensor, input: Tensor, weight: Tensor, has_bias: bool,
                                    needs: Tuple[bool, bool, bool]) -> tuple:
         """(grad_input, grad_weight, grad_bias) of the convolution, None where ``needs`` says not needed."""
@@ -36,6 +49,11 @@ class ConvOptions:
                                                     list(self.padding), list(self.dilation), False, [0, 0],
                                                     self.groups, [needs[0], needs[1], needs[2] and has_bias])
         return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_ONEDNN_POST_OPS = {"relu": lambda slope: ("relu", []),
+                    "relu6": lambda slope: ("hardtanh", [0.0, 6.0])}
 
 
 def _pair(value, name: str, minimum: int) -> Tuple[int, int]:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..function import check_options, compiling
 from ..modules import FusedBatchNorm2d
 from ..reference import activation_fn
-from .conv import folded_weight_and_bias
+from .conv import ConvOptions, folded_weight_and_bias
 from .function import conv_batch_norm
 from .recompute import check_policy
 
@@ -120,8 +120,12 @@ class FusedConvBatchNorm2d(nn.Module):
         _, key, needs_graph = self._fold_inputs()
         if needs_graph or not _same_key(key, self._fold_key):
             return None
-        output = torch.convolution(input, *self._folded, conv.stride, conv.padding, conv.dilation, False, (0, 0),
-                                   conv.groups)
+        options = ConvOptions(conv.stride, conv.padding, conv.dilation, conv.groups)
+        if not (torch.is_grad_enabled() and input.requires_grad):
+            output = options.convolution_with_activation(input, *self._folded, bn.activation, bn.negative_slope)
+            if output is not None:
+                return output
+        output = options.convolution(input, *self._folded)
         inplace = not (torch.is_grad_enabled() and output.requires_grad)
         return activation_fn(bn.activation, output, bn.negative_slope, inplace=inplace)
 
