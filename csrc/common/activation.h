@@ -110,6 +110,20 @@ C10_HOST_DEVICE inline T activation_grad(T v, T negative_slope) {
   }
 }
 
+// The activation-masked gradient every backward kernel starts from: g = dy·act'(pre), where the pre-activation
+// pre = (x − mean)·scale + shift [+ z] is recomputed exactly as the forward's normalisation formed it (scale and
+// shift the per-channel coefficients, z the residual where kResidual).
+template <Activation A, bool kResidual, typename T>
+C10_HOST_DEVICE inline T masked_grad(T dy, T xmu, T scale, T shift, T z, T negative_slope) {
+  if constexpr (A == Activation::Identity) {
+    return dy;
+  } else {
+    T pre = xmu * scale + shift;
+    if constexpr (kResidual) pre += z;
+    return dy * activation_grad<A>(pre, negative_slope);
+  }
+}
+
 // Calls f(std::integral_constant<Activation, A>{}) for the runtime value `act`.
 template <typename F>
 inline auto dispatch_activation(Activation act, F&& f) {

@@ -40,13 +40,8 @@ struct MaskedGrad {
   opmath_t xmu(int64_t i, opmath_t mean) const { return to_opmath(x[i]) - mean; }
 
   opmath_t operator()(int64_t i, opmath_t xmu, opmath_t scale, opmath_t shift) const {
-    opmath_t g = to_opmath(dy[i]);
-    if constexpr (A != Activation::Identity) {
-      opmath_t pre = xmu * scale + shift;
-      if constexpr (kResidual) pre += to_opmath(z[i]);
-      g *= activation_grad<A>(pre, slope);
-    }
-    return g;
+    const opmath_t residual = kResidual && A != Activation::Identity ? to_opmath(z[i]) : opmath_t(0);
+    return masked_grad<A, kResidual>(to_opmath(dy[i]), xmu, scale, shift, residual, slope);
   }
 };
 

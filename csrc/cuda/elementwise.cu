@@ -96,12 +96,9 @@ __global__ void backward_elemt_kernel(const scalar_t* dy, const scalar_t* x, con
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const A xmu = static_cast<A>(xv.v[k]) - ch[k].mean;
-      A g = static_cast<A>(dyv.v[k]);
-      if constexpr (Act != Activation::Identity) {
-        A pre = xmu * ch[k].scale + ch[k].shift;
-        if constexpr (kResidual) pre += static_cast<A>(zv.v[k]);
-        g *= activation_grad<Act>(pre, p.slope);
-      }
+      const A residual = kWriteDz ? static_cast<A>(zv.v[k]) : A(0);
+      const A g = masked_grad<Act, kResidual>(static_cast<A>(dyv.v[k]), xmu, ch[k].scale, ch[k].shift, residual,
+                                              p.slope);
       dxv.v[k] = static_cast<scalar_t>(g * ch[k].scale - ch[k].c1 - xmu * ch[k].c2);
       if constexpr (kWriteDz) dzv.v[k] = static_cast<scalar_t>(g);
     }

@@ -73,12 +73,8 @@ struct GradSumsElement {
   template <int VEC>
   __device__ void add(typename Op::State& s, const Loaded<VEC>& v, int k, const Channel& ch) const {
     const A xmu = static_cast<A>(v.x.v[k]) - ch.mean;
-    A g = static_cast<A>(v.dy.v[k]);
-    if constexpr (Act != Activation::Identity) {
-      A pre = xmu * ch.scale + ch.shift;
-      if constexpr (kResidual) pre += static_cast<A>(v.z.v[k]);
-      g *= activation_grad<Act>(pre, slope);
-    }
+    const A residual = kReadZ ? static_cast<A>(v.z.v[k]) : A(0);
+    const A g = masked_grad<Act, kResidual>(static_cast<A>(v.dy.v[k]), xmu, ch.scale, ch.shift, residual, slope);
     s.sum_dy += g;
     s.sum_dy_xmu += g * xmu;
   }
