@@ -46,6 +46,12 @@ struct GradSums {
   at::Tensor grad_weight;
 };
 
+// The weight's gradient Σg·x̂ = Σg·(x − mean)·invstd of one channel, from its two stored per-channel values.
+template <typename T>
+C10_HOST_DEVICE inline T weight_gradient(T sum_dy_xmu, T invstd) {
+  return sum_dy_xmu * invstd;
+}
+
 // The kernels one device provides. Outputs are preallocated by the caller.
 struct Backend {
   // mean and M2 = Σ(x − mean)² of each channel.

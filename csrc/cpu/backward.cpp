@@ -114,7 +114,7 @@ void store_grad_weight(const GradSums& sums, const at::Tensor& invstd) {
     const auto inv = channel_vector<scalar_t>(invstd, C, scalar_t(0));
     const scalar_t* s2 = sums.sum_dy_xmu.const_data_ptr<scalar_t>();
     scalar_t* gw = sums.grad_weight.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) gw[c] = s2[c] * inv[c];
+    for (int64_t c = 0; c < C; ++c) gw[c] = weight_gradient(s2[c], inv[c]);
   });
 }
 

@@ -246,7 +246,7 @@ struct StoreSums {
   __device__ void operator()(int64_t c, const SumPair<A>& s) const {
     sum_dy[c] = s.sum_dy;
     sum_dy_xmu[c] = s.sum_dy_xmu;
-    if (grad_weight != nullptr) grad_weight[c] = s.sum_dy_xmu * invstd[c];
+    if (grad_weight != nullptr) grad_weight[c] = weight_gradient(s.sum_dy_xmu, invstd[c]);
   }
 };
 
