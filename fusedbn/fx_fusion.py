@@ -109,8 +109,9 @@ def fuse_conv_bn_blocks(model: nn.Module, recompute: str = "auto") -> nn.Module:
         return model
     modules, calls = dict(gm.named_modules()), _call_counts(gm)
 
-    def conv_of(bn_node: fx.Node):
-        """The conv node feeding this batch norm node, where the two make a block, else None."""
+    def block_parts(bn_node: fx.Node):
+        """(conv node, FusedBatchNorm2d) where this batch norm node and the conv node feeding it make a block, else
+        None."""
         if bn_node.op != "call_module" or calls.get(bn_node.target) != 1 or len(bn_node.args) != 1:
             return None
         conv_node = bn_node.args[0]
@@ -121,7 +122,7 @@ def fuse_conv_bn_blocks(model: nn.Module, recompute: str = "auto") -> nn.Module:
         bn = _block_norm(modules[bn_node.target])
         if bn is None or modules[conv_node.target].out_channels != bn.num_features or set(bn_node.kwargs) - {"residual"}:
             return None
-        return conv_node
+        return conv_node, bn
 
     def residual_is_free(residual: fx.Node, activation: tuple) -> bool:
         """Whether a block adding this residual before the activation stores nothing more than nn (recompute.py): it
@@ -131,15 +132,16 @@ def fuse_conv_bn_blocks(model: nn.Module, recompute: str = "auto") -> nn.Module:
             return True
         if recompute not in ("output", "auto") or residual.op != "call_module":
             return False
-        if isinstance(modules.get(residual.target), FusedConvBatchNorm2d):
+        if _block_of(residual, modules) is not None:
             return "residual" not in residual.kwargs
-        return conv_of(residual) is not None and not residual.kwargs
+        return block_parts(residual) is not None and not residual.kwargs
 
     for bn_node in list(gm.graph.nodes):
-        conv_node = conv_of(bn_node)
-        if conv_node is None:
+        parts = block_parts(bn_node)
+        if parts is None:
             continue
-        conv, bn = modules[conv_node.target], _block_norm(modules[bn_node.target])
+        conv_node, bn = parts
+        conv = modules[conv_node.target]
         residual, tail = bn_node.kwargs.get("residual"), bn_node
         if type(bn) is FusedBatchNorm2d and bn.activation == "identity":  # what follows the batch norm may fuse
             epilogue = _epilogue(bn_node, modules, residual_is_free) if not bn_node.kwargs else None

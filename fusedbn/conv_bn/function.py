@@ -144,6 +144,24 @@ def _block_apply(input, conv_weight, conv_bias, conv: ConvOptions, recompute: st
                                             conv_output)
 
 
+def folded_forward(conv: ConvOptions, input: Tensor, folded_weight: Tensor, folded_bias: Tensor,
+                   residual: Optional[Tensor], activation: str, negative_slope: float) -> Tensor:
+    """The eval block: the conv with the batch norm folded into its weight and bias, then the residual add and the
+    activation. One oneDNN call with the activation as its post-op where that applies (no residual, nothing for
+    autograd to record, not in a graph being recorded); else the add and the activation in place where autograd
+    records nothing, and autograd's rules otherwise."""
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, folded_weight, folded_bias, residual))
+    if residual is None and not grad and not (compiling() or torch.jit.is_tracing()):
+        output = conv.convolution_with_activation(input, folded_weight, folded_bias, activation, negative_slope)
+        if output is not None:
+            return output
+    output = conv.convolution(input, folded_weight, folded_bias)
+    if residual is not None:
+        output = output + residual if grad else output.add_(residual)
+    return activation_fn(activation, output, negative_slope, inplace=not grad)
+
+
 def _output_like(input: Tensor, conv_weight: Tensor, conv: ConvOptions) -> Tensor:
     """A stand-in with the conv output's shape, dtype and device (no memory): what the batch norm's checks read."""
     spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
@@ -181,13 +199,7 @@ def conv_batch_norm(input: Tensor, conv_weight: Tensor, conv_bias: Optional[Tens
         check_eps(eps, False)
         folded_weight, folded_bias = (t.to(conv_weight.dtype) for t in fold()) if fold is not None else \
             folded_weight_and_bias(conv_weight, conv_bias, running_mean, running_var, weight, bias, eps)
-        output = conv.convolution(input, folded_weight, folded_bias)
-        # In place (a fresh tensor) where autograd records nothing; autograd's in-place rules otherwise.
-        inplace = not (torch.is_grad_enabled() and (output.requires_grad or (
-            residual is not None and residual.requires_grad)))
-        if residual is not None:
-            output = output.add_(residual) if inplace else output + residual
-        return activation_fn(activation, output, negative_slope, inplace=inplace)
+        return folded_forward(conv, input, folded_weight, folded_bias, residual, activation, negative_slope)
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, conv_weight, conv_bias, weight, bias, residual))
     policy = auto_policy(conv_weight, residual is not None) if recompute == "auto" else recompute

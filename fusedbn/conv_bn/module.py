@@ -10,9 +10,8 @@ from torch import Tensor, nn
 
 from ..function import check_options, compiling
 from ..modules import FusedBatchNorm2d
-from ..reference import activation_fn
 from .conv import ConvOptions, folded_weight_and_bias
-from .function import conv_batch_norm
+from .function import conv_batch_norm, folded_forward
 from .recompute import check_policy
 
 
@@ -121,13 +120,7 @@ class FusedConvBatchNorm2d(nn.Module):
         if needs_graph or not _same_key(key, self._fold_key):
             return None
         options = ConvOptions(conv.stride, conv.padding, conv.dilation, conv.groups)
-        if not (torch.is_grad_enabled() and input.requires_grad):
-            output = options.convolution_with_activation(input, *self._folded, bn.activation, bn.negative_slope)
-            if output is not None:
-                return output
-        output = options.convolution(input, *self._folded)
-        inplace = not (torch.is_grad_enabled() and output.requires_grad)
-        return activation_fn(bn.activation, output, bn.negative_slope, inplace=inplace)
+        return folded_forward(options, input, *self._folded, None, bn.activation, bn.negative_slope)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         graph = compiling() or torch.jit.is_tracing()  # the folding is recorded in the graph, not cached
