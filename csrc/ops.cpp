@@ -30,36 +30,68 @@ const Backend& backend_for(const Tensor& t) {
 Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
 // ---- argument checks ----------------------------------------------------------------------------------
+// Every check of an op's arguments is here, run before any buffer is touched; the Python layer checks only its own
+// options. Messages name the argument and what was expected, in Python's terms (torch.float32, (C,)).
+
+// A dtype as Python prints it.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return "torch.float64";
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// A shape as Python prints it.
+std::string shape_name(at::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + (sizes.size() == 1 ? ",)" : ")");
+}
 
 void check_input(const Tensor& input, const char* name = "input") {
   TORCH_CHECK_VALUE(input.dim() == 4, "fusedbn: expected 4D ", name, " (got ", input.dim(), "D ", name, ")");
   const auto t = input.scalar_type();
   TORCH_CHECK_TYPE(t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "fusedbn: ", name,
-                   " must be float64, float32, float16 or bfloat16, got ", t);
+                   " must be float64, float32, float16 or bfloat16, got ", dtype_name(t));
 }
 
 // Per-channel tensors have C elements and the input's dtype, or float32 when the input is float16/bfloat16
 // (parameters and statistics kept in float32, as nn.BatchNorm2d allows).
 void check_channel_tensor(const Tensor& t, const char* name, const Tensor& input) {
   if (!t.defined()) return;
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == input.size(1), "fusedbn: ", name, " must be a 1-D tensor of ",
-                    input.size(1), " elements (one per channel), got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == input.size(1), "fusedbn: ", name, " must have shape (",
+                    input.size(1), ",), one value per input channel, got ", shape_name(t.sizes()));
   TORCH_CHECK_VALUE(t.device() == input.device(), "fusedbn: ", name, " is on ", t.device(),
                     " but input is on ", input.device());
   const bool low_precision = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type() || (low_precision && t.scalar_type() == at::kFloat),
-                   "fusedbn: ", name, " must have dtype ", input.scalar_type(),
-                   low_precision ? " or float32" : "", " like the input, got ", t.scalar_type());
+                   "fusedbn: ", name, " must have dtype ", dtype_name(input.scalar_type()),
+                   low_precision ? " or torch.float32" : "", " to match the input, got ", dtype_name(t.scalar_type()));
+}
+
+// Statistics to normalise with or to update (the running statistics, or the mean and var given to normalize): both
+// or neither, per-channel, never requiring grad (they are constants of the batch norm, or buffers updated in place).
+void check_statistics_in(const Tensor& mean, const Tensor& var, const Tensor& input,
+                         const char* mean_name = "running_mean", const char* var_name = "running_var") {
+  TORCH_CHECK_VALUE(mean.defined() == var.defined(), "fusedbn: ", mean_name, " and ", var_name,
+                    " must both be tensors or both be None");
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{mean, mean_name}, {var, var_name}}) {
+    check_channel_tensor(t, name, input);
+    TORCH_CHECK_VALUE(!t.defined() || !t.requires_grad(), "fusedbn: ", name,
+                      " must not require grad: batch norm takes its statistics as constants");
+  }
 }
 
 void check_like_input(const Tensor& t, const char* name, const Tensor& input) {
   if (!t.defined()) return;
-  TORCH_CHECK_VALUE(t.sizes() == input.sizes(), "fusedbn: ", name, " must have the input's shape ", input.sizes(),
-                    ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), "fusedbn: ", name, " must have the input's dtype ",
-                   input.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == input.device(), "fusedbn: ", name, " is on ", t.device(),
-                    " but input is on ", input.device());
+  TORCH_CHECK_VALUE(t.sizes() == input.sizes() && t.scalar_type() == input.scalar_type() &&
+                        t.device() == input.device(),
+                    "fusedbn: ", name, " must match the input's shape ", shape_name(input.sizes()), ", dtype ",
+                    dtype_name(input.scalar_type()), " and device ", input.device(), ", got ",
+                    shape_name(t.sizes()), ", ", dtype_name(t.scalar_type()), ", ", t.device());
 }
 
 // nn's rule and wording (torch.nn.functional.batch_norm): eps > 0 where batch statistics are computed, eps >= 0
@@ -69,9 +101,13 @@ void check_eps(double eps, bool batch_statistics) {
                     batch_statistics ? "positive during training" : "non-negative", " (and finite), but got ", eps);
 }
 
-// The operands every normalising op takes: the input, and the weight, bias and residual where given.
-void check_operands(const Tensor& input, const Tensor& weight, const Tensor& bias, const Tensor& residual) {
+// The operands every normalising op takes: the input, the statistics it reads or updates (where given, with their
+// names), and the weight, bias and residual where given; in the order of F.batch_norm's arguments.
+void check_operands(const Tensor& input, const Tensor& weight, const Tensor& bias, const Tensor& residual,
+                    const Tensor& mean = {}, const Tensor& var = {}, const char* mean_name = "running_mean",
+                    const char* var_name = "running_var") {
   check_input(input);
+  check_statistics_in(mean, var, input, mean_name, var_name);
   check_channel_tensor(weight, "weight", input);
   check_channel_tensor(bias, "bias", input);
   check_like_input(residual, "residual", input);
@@ -124,19 +160,9 @@ Tensor empty_in_format(const Tensor& x, at::MemoryFormat format) {
   return poisoned(at::empty(x.sizes(), x.options().memory_format(format)));
 }
 
-// The running-statistics update's arguments, checked before any buffer changes.
-void check_running_update(const Tensor& running_mean, const Tensor& running_var, const Tensor& nbt, int64_t channels,
-                          const c10::Device& device, int64_t count, std::optional<double> momentum) {
-  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{running_mean, "running_mean"},
-                                {running_var, "running_var"}}) {
-    TORCH_CHECK_VALUE(t.defined(), "fusedbn: running_mean and running_var must both be given or both be None");
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == channels, "fusedbn: ", name, " must have ", channels,
-                      " elements, got shape ", t.sizes());
-    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "fusedbn: ", name, " must be floating point, got ",
-                     t.scalar_type());
-    TORCH_CHECK_VALUE(t.device() == device, "fusedbn: ", name, " is on ", t.device(), " but the batch is on ",
-                      device);
-  }
+// The running-statistics update's arguments (other than the running statistics' own checks), checked before any
+// buffer changes.
+void check_running_update(const Tensor& nbt, int64_t count, std::optional<double> momentum) {
   TORCH_CHECK_VALUE(count >= 2, "fusedbn: the unbiased variance needs count >= 2, got ", count);
   TORCH_CHECK_VALUE(!momentum.has_value() || std::isfinite(*momentum),
                     "fusedbn: momentum must be a finite number or None, got ", momentum.value_or(0));
@@ -154,6 +180,15 @@ double kernel_momentum(std::optional<double> momentum) {
 }
 
 // ---- forward ------------------------------------------------------------------------------------------
+
+// The checks of forward_train (batch_stats) or normalize, for callers that decide not to run either: an empty batch,
+// a batch norm folded into a conv, a synchronised batch norm before its collective.
+void check_batch_norm(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
+                      const OptTensor& running_mean, const OptTensor& running_var, double eps, bool batch_stats) {
+  check_operands(input, value_or_undefined(weight), value_or_undefined(bias), value_or_undefined(residual),
+                 value_or_undefined(running_mean), value_or_undefined(running_var));
+  check_eps(eps, batch_stats);
+}
 
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
   check_input(input);
@@ -177,9 +212,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
   const Tensor prior_mean = value_or_undefined(prior_mean_opt), prior_var = value_or_undefined(prior_var_opt);
   Tensor running_mean = value_or_undefined(running_mean_opt), running_var = value_or_undefined(running_var_opt);
   Tensor nbt = value_or_undefined(num_batches_tracked_opt);
-  check_operands(input, weight, bias, residual);
-  check_channel_tensor(prior_mean, "prior_mean", input);
-  check_channel_tensor(prior_var, "prior_var", input);
+  check_operands(input, weight, bias, residual, running_mean, running_var);
+  check_statistics_in(prior_mean, prior_var, input, "prior_mean", "prior_var");
   check_eps(eps, true);
   check_finite_nonnegative(prior_count, "prior_count");
   TORCH_CHECK_VALUE(prior_count == 0 || (prior_mean.defined() && prior_var.defined()),
@@ -188,7 +222,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
   const int64_t count = input.size(0) * input.size(2) * input.size(3);
   const bool update = running_mean.defined() || running_var.defined();
   if (update) {
-    check_running_update(running_mean, running_var, nbt, input.size(1), input.device(), count, momentum);
+    check_running_update(nbt, count, momentum);
   }
 
   const auto format = layout_format(input);
@@ -224,9 +258,8 @@ std::tuple<Tensor, Tensor, Tensor> normalize(const Tensor& input, const OptTenso
                                              c10::string_view activation, double negative_slope) {
   const Tensor weight = value_or_undefined(weight_opt), bias = value_or_undefined(bias_opt);
   const Tensor residual = value_or_undefined(residual_opt);
-  check_operands(input, weight, bias, residual);
-  check_channel_tensor(mean_in, "mean", input);
-  check_channel_tensor(var_in, "var", input);
+  TORCH_CHECK_VALUE(mean_in.defined() && var_in.defined(), "fusedbn: normalize needs mean and var");
+  check_operands(input, weight, bias, residual, mean_in, var_in, "mean", "var");
   check_eps(eps, false);
   const Activation act = parse_activation(std::string(activation));
 
@@ -268,7 +301,16 @@ Tensor update_running_stats(Tensor& running_mean, Tensor& running_var, const Opt
   Tensor nbt = value_or_undefined(num_batches_tracked_opt);
   TORCH_CHECK_VALUE(batch_mean.dim() == 1 && batch_m2.sizes() == batch_mean.sizes(),
                     "fusedbn: batch_mean and batch_m2 must be 1-D tensors of the same size");
-  check_running_update(running_mean, running_var, nbt, batch_mean.size(0), batch_mean.device(), count, momentum);
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{running_mean, "running_mean"},
+                                {running_var, "running_var"}}) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch_mean.size(0), "fusedbn: ", name, " must have shape (",
+                      batch_mean.size(0), ",), one value per channel, got ", shape_name(t.sizes()));
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "fusedbn: ", name, " must be floating point, got ",
+                     dtype_name(t.scalar_type()));
+    TORCH_CHECK_VALUE(t.device() == batch_mean.device(), "fusedbn: ", name, " is on ", t.device(),
+                      " but the batch statistics are on ", batch_mean.device());
+  }
+  check_running_update(nbt, count, momentum);
   Tensor updated = at::empty({}, batch_mean.options().dtype(at::kBool));
   backend_for(batch_mean).update_running_stats(running_mean, running_var, nbt, batch_mean, batch_m2, count,
                                                 kernel_momentum(momentum), updated);
@@ -303,15 +345,17 @@ Tensor grad_residual_like(const BackwardArgs& a) {
 
 Tensor or_empty(const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); }
 
-std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tensor& input,
-                                           const OptTensor& residual, const Tensor& mean, const Tensor& invstd,
-                                           const OptTensor& weight, const OptTensor& bias,
-                                           c10::string_view activation, double negative_slope) {
+// The reduction of the backward: Σg and Σg·(x − mean), and from them the weight gradient Σg·(x − mean)·invstd (in the
+// weight's dtype). A synchronised batch norm all-reduces the two sums before backward_elemt.
+std::tuple<Tensor, Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tensor& input,
+                                                   const OptTensor& residual, const Tensor& mean, const Tensor& invstd,
+                                                   const OptTensor& weight, const OptTensor& bias,
+                                                   c10::string_view activation, double negative_slope) {
   const Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
   const auto a = prepare_backward(grad_output, input, value_or_undefined(residual), mean, invstd, w, b, activation);
-  GradSums sums{channel_empty(a.x), channel_empty(a.x)};
+  GradSums sums{channel_empty(a.x), channel_empty(a.x), channel_empty(a.x)};
   backend_for(a.x).backward_reduce({a.x, a.z, mean, invstd, w, b, a.layout, a.act, negative_slope}, a.dy, sums);
-  return {sums.sum_dy, sums.sum_dy_xmu};
+  return {sums.sum_dy, sums.sum_dy_xmu, sums.grad_weight.to(w.defined() ? w.scalar_type() : invstd.scalar_type())};
 }
 
 std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tensor& input, const OptTensor& residual,
@@ -372,6 +416,7 @@ void register_backend(c10::DeviceType device, const Backend* backend) {
 }
 
 void impl_all_ops(torch::Library& m) {
+  m.impl("check_batch_norm", &check_batch_norm);
   m.impl("batch_stats", &batch_stats);
   m.impl("forward_train", &forward_train);
   m.impl("normalize", &normalize);
@@ -385,6 +430,9 @@ void impl_all_ops(torch::Library& m) {
 }  // namespace fusedbn
 
 TORCH_LIBRARY(fusedbn, m) {
+  m.def(
+      "check_batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? running_mean, "
+      "Tensor? running_var, float eps, bool batch_stats) -> ()");
   m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor m2)");
   m.def(
       "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? prior_mean, "
@@ -403,7 +451,8 @@ TORCH_LIBRARY(fusedbn, m) {
       "Tensor batch_mean, Tensor batch_m2, int count, float? momentum) -> Tensor");
   m.def(
       "backward_reduce(Tensor grad_output, Tensor input, Tensor? residual, Tensor mean, Tensor invstd, "
-      "Tensor? weight, Tensor? bias, str activation, float negative_slope) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+      "Tensor? weight, Tensor? bias, str activation, float negative_slope) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor grad_weight)");
   m.def(
       "backward_elemt(Tensor grad_output, Tensor input, Tensor? residual, Tensor mean, Tensor invstd, "
       "Tensor? weight, Tensor? bias, Tensor sum_dy, Tensor sum_dy_xmu, float count, str activation, "

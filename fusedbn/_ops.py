@@ -40,6 +40,11 @@ def _grad_residual(x, residual, activation):
     return x.new_empty((0,))
 
 
+@torch.library.register_fake("fusedbn::check_batch_norm")
+def _(input, weight, bias, residual, running_mean, running_var, eps, batch_stats):
+    return None  # the checks run eagerly; a graph records them as an op without outputs
+
+
 @torch.library.register_fake("fusedbn::batch_stats")
 def _(input):
     return _per_channel(input), _per_channel(input)
@@ -69,7 +74,8 @@ def _(running_mean, running_var, num_batches_tracked, batch_mean, batch_m2, coun
 
 @torch.library.register_fake("fusedbn::backward_reduce")
 def _(grad_output, input, residual, mean, invstd, weight, bias, activation, negative_slope):
-    return _per_channel(input), _per_channel(input)
+    grad_weight = invstd.new_empty(invstd.shape, dtype=weight.dtype if weight is not None else invstd.dtype)
+    return _per_channel(input), _per_channel(input), grad_weight
 
 
 @torch.library.register_fake("fusedbn::backward_elemt")

@@ -22,8 +22,6 @@ from . import derivatives, vmap_rule
 from .reference import ACTIVATIONS, activation_fn
 
 SMALL_BATCH_MODES = ("running", "blend", "error")
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class FusedBatchNormFunction(torch.autograd.Function):
@@ -143,41 +141,6 @@ def check_eps(eps: float, training: bool) -> None:
         torch.nn.functional.batch_norm(probe, torch.zeros(1), torch.ones(1), training=training, eps=eps)
 
 
-def check_tensors(input, running_mean, running_var, weight, bias, residual) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-    dtype, device, channel_shape = input.dtype, input.device, (input.shape[1],)
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"input must be float64, float32, float16 or bfloat16, got {dtype}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                    ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.shape != channel_shape:
-            raise ValueError(f"{name} must have shape {channel_shape}, one value per input channel, "
-                             f"got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but input is on {device}")
-        if t.dtype != dtype and not (t.dtype == torch.float32 and dtype in _LOW_PRECISION):
-            allowed = f"{dtype}" + (" or torch.float32" if dtype in _LOW_PRECISION else "")
-            raise TypeError(f"{name} must have dtype {allowed} to match the input, got {t.dtype}")
-        if t.requires_grad and name.startswith("running"):
-            raise ValueError(f"{name} must not require grad: running statistics are buffers, not parameters")
-    if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-        if residual.shape != input.shape or residual.dtype != dtype or residual.device != device:
-            raise ValueError(f"residual must match the input's shape {tuple(input.shape)}, dtype {dtype} "
-                             f"and device {device}, got {tuple(residual.shape)}, {residual.dtype}, "
-                             f"{residual.device}")
-
-
 def small_batch_message(input: Tensor, min_count: int) -> str:
     """PyTorch's error for a training batch with too few values per channel."""
     need = "more than 1 value" if min_count <= 2 else f"more than {min_count - 1} values"
@@ -216,10 +179,14 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     passes its own, which also differentiates the conv.
     """
     apply = _apply if apply is None else apply
-    check_tensors(input, running_mean, running_var, weight, bias, residual)
-    n, _, h, w = input.shape
     use_batch_stats = training or running_mean is None
     check_eps(eps, use_batch_stats)
+    if not isinstance(input, Tensor) or input.dim() != 4 or input.numel() == 0 \
+            or (running_mean is None) != (running_var is None):
+        # The ops check their tensors (csrc/ops.cpp); where none of them would run, or the plan below needs a 4-D
+        # input, the same checks run alone.
+        ops.check_batch_norm(input, weight, bias, residual, running_mean, running_var, eps, use_batch_stats)
+    n, _, h, w = input.shape
     if input.numel() == 0:
         return _empty_batch(input, weight, bias, residual, activation, negative_slope, training,
                             num_batches_tracked if running_mean is not None else None)

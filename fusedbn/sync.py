@@ -14,8 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._ops import ops
-from .function import (check_eps, check_tensors, compiling, small_batch_message, small_batch_plan,
-                       update_running_stats)
+from .function import compiling, small_batch_message, small_batch_plan, update_running_stats
 from .modules import FusedBatchNorm2d, leave_unknown_subclass
 from .reference import blend_moments, chan_merge, stats_dtype
 
@@ -66,9 +65,11 @@ class SyncFusedBatchNormFunction(torch.autograd.Function):
             grad_input, grad_residual, grad_weight, grad_bias = ops.backward(
                 grad_output, input, residual, mean, invstd, weight, bias, None, ctx.activation, ctx.negative_slope)
         else:
-            sum_dy, sum_dy_xmu = ops.backward_reduce(grad_output, input, residual, mean, invstd, weight, bias,
-                                                     ctx.activation, ctx.negative_slope)
-            grad_weight, grad_bias = sum_dy_xmu * invstd, sum_dy  # this rank's share; DDP averages them
+            # This rank's share of the weight and bias gradients (DDP averages them); the sums are all-reduced for
+            # the input gradient.
+            sum_dy, sum_dy_xmu, grad_weight = ops.backward_reduce(grad_output, input, residual, mean, invstd, weight,
+                                                                  bias, ctx.activation, ctx.negative_slope)
+            grad_bias = sum_dy
             total = torch.cat([sum_dy, sum_dy_xmu])
             try:
                 dist.all_reduce(total, group=ctx.group)
@@ -116,8 +117,7 @@ class SyncFusedBatchNorm2d(FusedBatchNorm2d):
         self._check_input_dim(input)
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
-        check_tensors(input, running_mean, running_var, self.weight, self.bias, residual)
-        check_eps(self.eps, True)
+        ops.check_batch_norm(input, self.weight, self.bias, residual, running_mean, running_var, self.eps, True)
         group = self.process_group or dist.group.WORLD
         n, _, h, w = input.shape
         local_count = n * h * w

@@ -161,7 +161,7 @@ def test_opcheck_cuda():
                                                      30, None))
     torch.library.opcheck(ops.backward, (dy, x, z, mean, invstd, w, b, 30.0, "relu", 0.0))
     torch.library.opcheck(ops.backward_reduce, (dy, x, z, mean, invstd, w, b, "relu", 0.0))
-    s1, s2 = ops.backward_reduce(dy, x, z, mean, invstd, w, b, "relu", 0.0)
+    s1, s2, _ = ops.backward_reduce(dy, x, z, mean, invstd, w, b, "relu", 0.0)
     torch.library.opcheck(ops.backward_elemt, (dy, x, z, mean, invstd, w, b, s1, s2, 30.0, "relu", 0.0))
 
 
@@ -198,8 +198,8 @@ def test_statistics_and_weight_gradient_written_by_the_merges_cuda(memory_format
         torch.testing.assert_close(invstd, (expected_var + 1e-5).rsqrt().float(), rtol=1e-6, atol=0)
     _, mean, invstd, _, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
     _, _, dw, db = ops.backward(dy, x, None, mean, invstd, w, b, float(n), "relu", 0.0)
-    s1, s2 = ops.backward_reduce(dy, x, None, mean, invstd, w, b, "relu", 0.0)
-    assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd)
+    s1, s2, dw_reduced = ops.backward_reduce(dy, x, None, mean, invstd, w, b, "relu", 0.0)
+    assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd) and torch.equal(dw, dw_reduced)
 
 
 def test_ops_on_an_empty_batch_cuda():

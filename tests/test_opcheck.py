@@ -33,6 +33,7 @@ def test_opcheck_all_ops(dtype, memory_format, activation, residual, affine):
     z = z if residual else None
     check = torch.library.opcheck
     check(ops.batch_stats, (x,))
+    check(ops.check_batch_norm, (x, w, b, z, rm, rv, 1e-5, True))
     check(ops.forward_train, (x, w, b, z, None, None, 0.0, 1e-5, activation, 0.1))
     check(ops.forward_train, (x, w, b, z, rm, rv, 16.0, 1e-5, activation, 0.1))
     check(ops.forward_train, (x, w, b, z, None, None, 0.0, 1e-5, activation, 0.1, rm.clone(), rv.clone(), None, 0.1))
@@ -44,7 +45,7 @@ def test_opcheck_all_ops(dtype, memory_format, activation, residual, affine):
     for count in (30.0, 46.0, None):
         check(ops.backward, (dy, x, z, mean, invstd, w, b, count, activation, 0.1))
     check(ops.backward_reduce, (dy, x, z, mean, invstd, w, b, activation, 0.1))
-    s1, s2 = ops.backward_reduce(dy, x, z, mean, invstd, w, b, activation, 0.1)
+    s1, s2, _ = ops.backward_reduce(dy, x, z, mean, invstd, w, b, activation, 0.1)
     check(ops.backward_elemt, (dy, x, z, mean, invstd, w, b, s1, s2, 30.0, activation, 0.1))
 
 

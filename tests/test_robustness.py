@@ -149,9 +149,9 @@ def test_channel_at_a_time_backward_equals_the_separate_kernels(act):
     _, mean, invstd, _, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, act, 0.0)
     count = float(32 * 32 * 56)
     dx, _, dw, db = ops.backward(dy, x, None, mean, invstd, w, b, count, act, 0.0)
-    s1, s2 = ops.backward_reduce(dy, x, None, mean, invstd, w, b, act, 0.0)
+    s1, s2, dw_reduced = ops.backward_reduce(dy, x, None, mean, invstd, w, b, act, 0.0)
     dx_separate, _ = ops.backward_elemt(dy, x, None, mean, invstd, w, b, s1, s2, count, act, 0.0)
-    assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd)
+    assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd) and torch.equal(dw, dw_reduced)
     assert torch.equal(dx, dx_separate)
 
 
@@ -166,8 +166,8 @@ def test_weight_gradient_is_the_stored_sum_times_invstd(dtype, memory_format):
     w, b = torch.rand(10, dtype=dtype) + 0.5, torch.randn(10, dtype=dtype)
     _, mean, invstd, _, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, "relu", 0.0)
     _, _, dw, db = ops.backward(dy, x, None, mean, invstd, w, b, float(6 * 5 * 7), "relu", 0.0)
-    s1, s2 = ops.backward_reduce(dy, x, None, mean, invstd, w, b, "relu", 0.0)
-    assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd)
+    s1, s2, dw_reduced = ops.backward_reduce(dy, x, None, mean, invstd, w, b, "relu", 0.0)
+    assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd) and torch.equal(dw, dw_reduced)
 
 
 def test_ops_on_an_empty_batch_give_zero_sums_and_gradients():

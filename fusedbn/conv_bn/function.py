@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from .._ops import ops
-from ..function import batch_norm, check_eps, check_options, check_tensors, compiling
+from ..function import batch_norm, check_eps, check_options, compiling
 from ..reference import activation_fn
 from .conv import ConvOptions, folded_weight_and_bias, resolve
 from .recompute import Recipe, SavedTensors, auto_policy, check_policy, derivative_from_output, masked_by_output
@@ -195,7 +195,8 @@ def conv_batch_norm(input: Tensor, conv_weight: Tensor, conv_bias: Optional[Tens
     input, conv = resolve(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     if not (training or running_mean is None):
         # Eval: the batch norm is an affine map, folded into the conv: no pass of its own over memory.
-        check_tensors(_output_like(input, conv_weight, conv), running_mean, running_var, weight, bias, residual)
+        ops.check_batch_norm(_output_like(input, conv_weight, conv), weight, bias, residual, running_mean, running_var,
+                             eps, False)
         check_eps(eps, False)
         folded_weight, folded_bias = (t.to(conv_weight.dtype) for t in fold()) if fold is not None else \
             folded_weight_and_bias(conv_weight, conv_bias, running_mean, running_var, weight, bias, eps)
