@@ -46,7 +46,10 @@ def cpu_flags() -> list:
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # csrc/library.cpp, then each op family's folder: its schemas and device-independent code, its cpu/ and
+    # autograd/ registrations, and with CUDA its cuda/ kernels.
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*.cpp") + glob.glob("csrc/*/cpu/*.cpp")
+                     + glob.glob("csrc/*/autograd/*.cpp"))
     # -fno-trapping-math lets the compiler turn comparisons into vector selects (activations, clamps); no
     # result changes: fusedbn never relies on floating-point exception flags. -ffp-contract=off: gcc emits
     # several versions of a loop (vector body, scalar peel and tail, alias-checked fallbacks) and contracted
@@ -57,7 +60,7 @@ def extension():
            "-ffp-contract=off"] + cpu_flags()
     if not build_cuda():
         return CppExtension("fusedbn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    sources += sorted(glob.glob("csrc/*/cuda/*.cpp") + glob.glob("csrc/*/cuda/*.cu"))
     return CUDAExtension(
         "fusedbn._C",
         sources,

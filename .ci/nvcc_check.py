@@ -1,6 +1,6 @@
 """Compiles every csrc/**/*.cu with nvcc (compile only, sm_90) against the installed torch's headers, with the
 flags of the real build (setup.py's NVCC_FLAGS and the ones torch adds), and syntax-checks the host files of the
-CUDA build (csrc/cuda/*.cpp) with the host compiler.
+CUDA build (csrc/*/cuda/*.cpp) with the host compiler.
 
 Keeps the CUDA sources from rotting on machines without a GPU or a CUDA build of torch: the .cu files include
 only lean headers, so the CPU build of torch provides all they need (-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE).
@@ -55,7 +55,7 @@ def main() -> int:
                 failed.append(rel)
         nvcc_path = os.path.realpath(shutil.which(args.nvcc) or args.nvcc)
         cuda_include = os.path.join(os.path.dirname(os.path.dirname(nvcc_path)), "include")
-        for src in sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cpp"))):
+        for src in sorted(glob.glob(os.path.join(root, "csrc", "*", "cuda", "*.cpp"))):
             cmd = ["c++", "-fsyntax-only", "-std=c++20", "-DWITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
                    f"-I{cuda_include}", *includes, src]
             result = subprocess.run(cmd, capture_output=True, text=True)

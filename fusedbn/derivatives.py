@@ -6,8 +6,8 @@ torch.func transforms.
   in torch operations (``reference.reference_input_gradients``), so that higher derivatives exist.
 * ``output_tangent``: the forward-mode derivative (Jacobian-vector product), in torch operations.
 
-The ops themselves carry the same backward in C++ (csrc/autograd/register.cpp), which calls the fused backward op or
-``fusedbn::backward_composite``: reference_input_gradients, registered below.
+The ops themselves carry the same backward in C++ (csrc/batch_norm/autograd/register.cpp), which calls the fused
+backward op or ``fusedbn::backward_composite``: reference_input_gradients, registered below.
 """
 
 from __future__ import annotations

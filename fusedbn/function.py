@@ -36,7 +36,7 @@ class FusedBatchNormFunction(torch.autograd.Function):
     in eval mode; batch_mean and batch_m2 are empty and nothing is updated.
 
     Backward, forward-mode AD (``jvp``) and ``vmap`` are defined, so ``torch.func`` transforms work; the
-    derivatives are those of derivatives.py; the ops carry the same backward in C++ (csrc/autograd/).
+    derivatives are those of derivatives.py; the ops carry the same backward in C++ (csrc/batch_norm/autograd/).
     """
 
     @classmethod
@@ -183,8 +183,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     check_eps(eps, use_batch_stats)
     if not isinstance(input, Tensor) or input.dim() != 4 or input.numel() == 0 \
             or (running_mean is None) != (running_var is None):
-        # The ops check their tensors (csrc/ops.cpp); where none of them would run, or the plan below needs a 4-D
-        # input, the same checks run alone.
+        # The ops check their tensors (csrc/batch_norm/ops.cpp); where none of them would run, or the plan below
+        # needs a 4-D input, the same checks run alone.
         ops.check_batch_norm(input, weight, bias, residual, running_mean, running_var, eps, use_batch_stats)
     n, _, h, w = input.shape
     if input.numel() == 0:
@@ -237,7 +237,7 @@ def warn_if_not_updated(updated: Tensor) -> None:
 
 
 def _apply(*args):
-    """(output, updated). The ops are differentiable themselves (a C++ autograd node, csrc/autograd/);
+    """(output, updated). The ops are differentiable themselves (a C++ autograd node, csrc/batch_norm/autograd/);
     FusedBatchNormFunction is taken only where forward-mode AD or a torch.func transform needs its jvp or vmap rule
     (outside torch.compile and torch.jit.trace, which record the ops)."""
     if (forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()) \

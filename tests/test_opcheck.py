@@ -63,8 +63,8 @@ def test_update_running_stats_mutates_only_declared_buffers():
 
 @pytest.mark.parametrize("dtype, memory_format, activation, residual, affine", CASES, ids=str)
 def test_opcheck_differentiable_ops_with_requires_grad(dtype, memory_format, activation, residual, affine):
-    # forward_train and normalize carry their own backward (csrc/autograd/): opcheck's autograd-registration and
-    # AOT-dispatch tests run on inputs that require grad. backward_composite is that backward's differentiable form.
+    # forward_train and normalize carry their own backward (csrc/batch_norm/autograd/): opcheck's autograd-registration
+    # and AOT-dispatch tests run on inputs that require grad. backward_composite is that backward's differentiable form.
     x, w, b, z, rm, rv = samples(dtype, memory_format)
     w, b = (w.requires_grad_(), b.requires_grad_()) if affine else (None, None)
     z = z.requires_grad_() if residual else None

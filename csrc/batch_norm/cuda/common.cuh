@@ -12,8 +12,8 @@
 #include <numeric>
 #include <type_traits>
 
-#include "../common/kernel_args.h"
-#include "../common/welford.h"
+#include "../kernel_args.h"
+#include "../../common/welford.h"
 
 namespace fusedbn::cuda {
 

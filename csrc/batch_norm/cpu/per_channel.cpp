@@ -3,7 +3,7 @@
 
 #include <cmath>
 
-#include "../common/welford.h"
+#include "../../common/welford.h"
 #include "simd.h"
 
 namespace fusedbn::cpu {

@@ -1,10 +1,10 @@
-// The CPU backend's kernels (see Backend in ../common/kernel_args.h for what each computes).
+// The CPU backend's kernels (see Backend in ../kernel_args.h for what each computes).
 #pragma once
 
-#include "../common/kernel_args.h"
+#include "../kernel_args.h"
 
 namespace fusedbn::cpu {
-#include "../common/backend_kernels.inc"
+#include "../backend_kernels.inc"
 
 bool forward_train_by_channel(const NormInputs& in, const at::Tensor& prior_mean, const at::Tensor& prior_var,
                               double prior_count, double eps, at::Tensor& batch_mean, at::Tensor& batch_m2,

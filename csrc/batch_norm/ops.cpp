@@ -1,9 +1,9 @@
-// Operator schemas and their device-independent implementations: argument checks (before any buffer is
-// touched), layout, allocation, and the sequence of backend kernels.
+// The batch-norm ops: their schemas and device-independent implementations (argument checks before any buffer is
+// touched, layout, allocation, and the sequence of backend kernels). cpu/ and cuda/ register this file's
+// implementations with a Backend of their kernels; autograd/ registers the ops' backward.
 #include "ops.h"
 
 #include <ATen/ATen.h>
-#include <Python.h>
 
 #include <array>
 #include <cmath>
@@ -429,7 +429,8 @@ void impl_all_ops(torch::Library& m) {
 
 }  // namespace fusedbn
 
-TORCH_LIBRARY(fusedbn, m) {
+// The batch-norm family of fusedbn's ops (the library itself is declared in csrc/library.cpp).
+TORCH_LIBRARY_FRAGMENT(fusedbn, m) {
   m.def(
       "check_batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? running_mean, "
       "Tensor? running_var, float eps, bool batch_stats) -> ()");
@@ -469,10 +470,4 @@ TORCH_LIBRARY(fusedbn, m) {
       "Tensor mean, Tensor invstd, Tensor? prior_mean, Tensor? prior_var, bool batch_stats, float prior_count, "
       "float eps, str activation, float negative_slope) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
-}
-
-// A Python module with no functions: importing fusedbn._C loads the library and runs the registrations.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
 }

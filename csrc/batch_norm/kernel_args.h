@@ -7,7 +7,7 @@
 
 #include <optional>
 
-#include "activation.h"
+#include "../common/activation.h"
 
 namespace fusedbn {
 

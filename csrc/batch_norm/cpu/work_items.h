@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../common/kernel_args.h"
+#include "../kernel_args.h"
 
 namespace fusedbn::cpu {
 

@@ -6,7 +6,7 @@
 
 #include <vector>
 
-#include "../common/kernel_args.h"
+#include "../kernel_args.h"
 #include "simd.h"
 
 namespace fusedbn::cpu {

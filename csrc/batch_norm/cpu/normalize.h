@@ -15,7 +15,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "../common/kernel_args.h"
+#include "../kernel_args.h"
 #include "channel_coefs.h"
 #include "work_items.h"
 

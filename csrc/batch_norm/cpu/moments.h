@@ -8,7 +8,7 @@
 #include <cmath>
 #include <utility>
 
-#include "../common/welford.h"
+#include "../../common/welford.h"
 #include "simd.h"
 #include "work_items.h"
 

@@ -4,7 +4,7 @@
 
 #include <torch/library.h>
 
-#include "common/kernel_args.h"
+#include "kernel_args.h"
 
 namespace fusedbn {
 

@@ -1,11 +1,11 @@
-// The CUDA backend's kernels (see Backend in ../common/kernel_args.h for what each computes). Host functions
+// The CUDA backend's kernels (see Backend in ../kernel_args.h for what each computes). Host functions
 // defined in the .cu files of this folder; they set the device guard and launch on the current stream.
 #pragma once
 
-#include "../common/kernel_args.h"
+#include "../kernel_args.h"
 
 namespace fusedbn::cuda {
-#include "../common/backend_kernels.inc"
+#include "../backend_kernels.inc"
 
 // batch_moments, batch_norm_stats and normalize with one kernel less: the merge of the moments also writes the
 // normalisation statistics. Returns false (having written nothing) for an empty input.
