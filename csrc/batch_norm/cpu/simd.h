@@ -15,21 +15,26 @@ namespace fusedbn::cpu {
 
 // Spans of at most this many values are added column by column by sums_over_spans.
 constexpr int64_t kColumnSumMaxSpan = 1024;
-// A single span shorter than this is summed in one loop by sums_over_spans: in quarters, each quarter would take
-// fewer than eight 8-wide steps, and its remainder and horizontal sum would cost more than its additions.
-constexpr int64_t kQuarterMinSpan = 256;
+// A single span shorter than this is summed in one loop by sums_over_spans: in lanes, it would take fewer than
+// four passes over them, and their remainder and horizontal sum would cost more than its additions.
+constexpr int64_t kLaneMinSpan = 256;
+// Consecutive positions of a long span are added to this many lane sums (four 16-wide vectors): independent
+// additions, where one vector accumulator waits for the previous add.
+constexpr int64_t kLanes = 64;
 
 // The two sums of f(offset(o) + j) = (a, b) over spans o in [o0, o1) and positions j in [0, len), in double; f
 // returns a std::pair<acc_t, acc_t>.
 //
 // A plain `omp simd` reduction keeps one vector accumulator, so the add latency bounds it (≈ 3 cycles per 8
 // values), and it ends with a lane-by-lane horizontal sum, which for the 49-value spans of 7 × 7 images cost
-// more than the span's own additions. Here every step adds four values first, (v0 + v1) + (v2 + v3), from four
-// rows at the same position j:
-//  - several short spans: four spans at a time, added to column buffers (element j), reduced once at the end;
-//  - otherwise: the four quarters of each span, into one reduction;
-// except in a single span shorter than kQuarterMinSpan (N = 1, images up to 15 × 15), which needs one horizontal
-// sum whichever way it is added: one plain reduction.
+// more than the span's own additions. Instead:
+//  - several short spans: four spans at a time, (v0 + v1) + (v2 + v3) at each position, added to column buffers
+//    (element j), reduced once at the end;
+//  - long spans: position j of each run of kLanes consecutive positions added to lane j, read in memory order.
+//    (Adding a span's four quarters together, four streams a quarter span apart, read data from memory 2.4×
+//    slower at (32, 64, 56, 56): the hardware prefetcher does not follow four short streams.)
+//  - a single span shorter than kLaneMinSpan (N = 1, images up to 15 × 15), which needs one horizontal sum
+//    whichever way it is added: one plain reduction.
 // The order of the additions depends only on the shape. f is taken by value: through a reference gcc reloaded
 // its captured pointer in every iteration and vectorised the loads as gathers.
 template <typename acc_t, typename Offset, typename F>
@@ -39,7 +44,7 @@ std::pair<double, double> sums_over_spans(int64_t o0, int64_t o1, int64_t len, c
     const Sums v0 = f(r0 + j), v1 = f(r1 + j), v2 = f(r2 + j), v3 = f(r3 + j);
     return Sums((v0.first + v1.first) + (v2.first + v3.first), (v0.second + v1.second) + (v2.second + v3.second));
   };
-  if (o1 - o0 == 1 && len < kQuarterMinSpan) {
+  if (o1 - o0 == 1 && len < kLaneMinSpan) {
     const int64_t b = offset(o0);
     acc_t s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
@@ -52,20 +57,28 @@ std::pair<double, double> sums_over_spans(int64_t o0, int64_t o1, int64_t len, c
   }
   double t1 = 0, t2 = 0;
   if (len > kColumnSumMaxSpan || o1 - o0 < 2) {
-    const int64_t q = len / 4;
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t b = offset(o);
+      alignas(64) acc_t lane1[kLanes] = {}, lane2[kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= len; j += kLanes) {
+#pragma omp simd
+        for (int64_t k = 0; k < kLanes; ++k) {
+          const Sums v = f(b + j + k);
+          lane1[k] += v.first;
+          lane2[k] += v.second;
+        }
+      }
       acc_t s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-      for (int64_t j = 0; j < q; ++j) {
-        const Sums v = sum4(b, b + q, b + 2 * q, b + 3 * q, j);
+      for (; j < len; ++j) {
+        const Sums v = f(b + j);
         s1 += v.first;
         s2 += v.second;
       }
-      for (int64_t i = b + 4 * q; i < b + len; ++i) {
-        const Sums v = f(i);
-        s1 += v.first;
-        s2 += v.second;
+#pragma omp simd reduction(+ : s1, s2)
+      for (int64_t k = 0; k < kLanes; ++k) {
+        s1 += lane1[k];
+        s2 += lane2[k];
       }
       t1 += s1;
       t2 += s2;
