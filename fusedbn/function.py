@@ -180,7 +180,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """
     apply = _apply if apply is None else apply
     use_batch_stats = training or running_mean is None
-    check_eps(eps, use_batch_stats)
+    if eps <= 0.0:
+        check_eps(eps, use_batch_stats)
     if not isinstance(input, Tensor) or input.dim() != 4 or input.numel() == 0 \
             or (running_mean is None) != (running_var is None):
         # The ops check their tensors (csrc/batch_norm/ops.cpp); where none of them would run, or the plan below
@@ -201,8 +202,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         raise RuntimeError("fusedbn: vmap over a batch norm in training mode would update running_mean and "
                            "running_var, which are not batched, in place (nn.BatchNorm2d refuses this too). Use "
                            "track_running_stats=False or eval mode")
-    fixed, prior = small_batch_plan(count, has_running, small_batch, min_count, prior_count,
-                                    lambda: small_batch_message(input, min_count))
+    fixed, prior = (False, 0.0) if count >= min_count else small_batch_plan(
+        count, has_running, small_batch, min_count, prior_count, lambda: small_batch_message(input, min_count))
     if fixed and on_fallback is not None and not compiling():
         on_fallback()
     if fixed:
@@ -230,7 +231,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_
 def warn_if_not_updated(updated: Tensor) -> None:
     """The non-finite guard's warning. It reads a flag on the host: on CUDA that would synchronise every layer of every
     step, so there the guard (applied on the device) is silent, and so it is in graphs (torch.compile, jit.trace)."""
-    if not (compiling() or torch.jit.is_tracing()) and updated.is_cpu and not updated.item():
+    if updated.is_cpu and not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not updated.item():
         warnings.warn("fusedbn: the batch mean or variance is not finite (NaN or Inf in the input); running "
                       "statistics and num_batches_tracked were left unchanged for this batch", RuntimeWarning,
                       stacklevel=4)

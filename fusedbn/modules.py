@@ -121,14 +121,16 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         nn.BatchNorm2d decides them: in training without tracking, the buffers are neither used nor updated;
         num_batches_tracked only where training updates it; batch statistics in training or without buffers."""
         training = self.training
-        use_buffers = not training or self.track_running_stats
-        running_mean = self._state("running_mean") if use_buffers else None
-        return (running_mean, self._state("running_var") if use_buffers else None,
-                self._state("num_batches_tracked") if training and self.track_running_stats else None,
+        if training and not self.track_running_stats:
+            return None, None, None, True
+        state = self._state
+        running_mean = state("running_mean")
+        return (running_mean, state("running_var"), state("num_batches_tracked") if training else None,
                 training or running_mean is None)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        self._check_input_dim(input)
+        if input.dim() != 4 or input.shape[1] != self.num_features:
+            self._check_input_dim(input)
         running_mean, running_var, num_batches_tracked, batch_statistics = self.statistics_for_call()
         return batch_norm(input, running_mean, running_var, num_batches_tracked, self._state("weight"),
                           self._state("bias"), batch_statistics, self.momentum, self.eps, self.activation,
