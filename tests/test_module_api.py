@@ -198,6 +198,28 @@ def test_functional_rejects_bad_arguments_before_touching_buffers(change, error,
         assert torch.equal(args[k], v), k
 
 
+@pytest.mark.parametrize("change, error, match", [
+    (dict(weight=torch.ones(4)), ValueError, r"weight must have shape \(3,\)"),
+    (dict(running_var=torch.ones(3, dtype=torch.float64)), TypeError, "running_var must have dtype torch.float32"),
+    (dict(residual=torch.zeros(0, 3, 2, 3)), ValueError, "residual must match the input's shape"),
+    (dict(eps=0.0), ValueError, "batch_norm eps must be positive"),
+], ids=lambda v: "-".join(v) if isinstance(v, dict) else "")
+def test_empty_batch_checks_its_arguments_like_any_batch(change, error, match):
+    # No op normalises an empty batch (nn's empty-batch behaviour is rebuilt in Python), so the ops' checks run alone
+    # (fusedbn::check_batch_norm): the same errors, and num_batches_tracked is not counted.
+    args = dict(running_mean=torch.zeros(3), running_var=torch.ones(3), weight=torch.ones(3), bias=torch.zeros(3),
+                training=True, momentum=0.1, eps=1e-5)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        fusedbn.fused_batch_norm(torch.randn(0, 3, 2, 2), **args)
+    module = fusedbn.FusedBatchNorm2d(3)
+    if "weight" in change:
+        module.weight = nn.Parameter(change["weight"])
+        with pytest.raises(error, match=match):
+            module(torch.randn(0, 3, 2, 2))
+        assert module.num_batches_tracked.item() == 0
+
+
 def test_bias_false_is_carried_through_every_conversion():
     # nn.BatchNorm2d(..., bias=False): a weight and no bias, no "bias" key in the state_dict.
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, bias=False), nn.ReLU()).double()
