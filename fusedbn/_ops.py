@@ -34,6 +34,11 @@ def _per_channel(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[1],), dtype=stats_dtype(x))
 
 
+def _gradient_of(parameter, invstd):
+    """A parameter's gradient: per channel, in the parameter's dtype (the statistics' where there is none)."""
+    return invstd.new_empty(invstd.shape, dtype=parameter.dtype if parameter is not None else invstd.dtype)
+
+
 def _grad_residual(x, residual, activation):
     if residual is not None and activation != "identity":
         return _like_input(x)
@@ -74,8 +79,7 @@ def _(running_mean, running_var, num_batches_tracked, batch_mean, batch_m2, coun
 
 @torch.library.register_fake("fusedbn::backward_reduce")
 def _(grad_output, input, residual, mean, invstd, weight, bias, activation, negative_slope):
-    grad_weight = invstd.new_empty(invstd.shape, dtype=weight.dtype if weight is not None else invstd.dtype)
-    return _per_channel(input), _per_channel(input), grad_weight
+    return _per_channel(input), _per_channel(input), _gradient_of(weight, invstd)
 
 
 @torch.library.register_fake("fusedbn::backward_elemt")
@@ -86,16 +90,8 @@ def _(grad_output, input, residual, mean, invstd, weight, bias, sum_dy, sum_dy_x
 @torch.library.register_fake("fusedbn::backward")
 def _(grad_output, input, residual, mean, invstd, weight, bias, count, activation, negative_slope):
     reduced = count is not None or weight is not None or bias is not None
-    grad_weight = (
-        invstd.new_empty(invstd.shape, dtype=weight.dtype if weight is not None else invstd.dtype)
-        if reduced
-        else invstd.new_empty((0,))
-    )
-    grad_bias = (
-        invstd.new_empty(invstd.shape, dtype=bias.dtype if bias is not None else invstd.dtype)
-        if reduced
-        else invstd.new_empty((0,))
-    )
+    grad_weight = _gradient_of(weight, invstd) if reduced else invstd.new_empty((0,))
+    grad_bias = _gradient_of(bias, invstd) if reduced else invstd.new_empty((0,))
     return _like_input(input), _grad_residual(input, residual, activation), grad_weight, grad_bias
 
 

@@ -180,8 +180,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """
     apply = _apply if apply is None else apply
     use_batch_stats = training or running_mean is None
-    if eps <= 0.0:
-        check_eps(eps, use_batch_stats)
+    check_eps(eps, use_batch_stats)
     if not isinstance(input, Tensor) or input.dim() != 4 or input.numel() == 0 \
             or (running_mean is None) != (running_var is None):
         # The ops check their tensors (csrc/batch_norm/ops.cpp); where none of them would run, or the plan below
@@ -202,8 +201,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         raise RuntimeError("fusedbn: vmap over a batch norm in training mode would update running_mean and "
                            "running_var, which are not batched, in place (nn.BatchNorm2d refuses this too). Use "
                            "track_running_stats=False or eval mode")
-    fixed, prior = (False, 0.0) if count >= min_count else small_batch_plan(
-        count, has_running, small_batch, min_count, prior_count, lambda: small_batch_message(input, min_count))
+    fixed, prior = small_batch_plan(count, has_running, small_batch, min_count, prior_count,
+                                    lambda: small_batch_message(input, min_count))
     if fixed and on_fallback is not None and not compiling():
         on_fallback()
     if fixed:

@@ -129,8 +129,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                 training or running_mean is None)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        if input.dim() != 4 or input.shape[1] != self.num_features:
-            self._check_input_dim(input)
+        self._check_input_dim(input)
         running_mean, running_var, num_batches_tracked, batch_statistics = self.statistics_for_call()
         return batch_norm(input, running_mean, running_var, num_batches_tracked, self._state("weight"),
                           self._state("bias"), batch_statistics, self.momentum, self.eps, self.activation,

@@ -58,14 +58,20 @@ void check_input(const Tensor& input, const char* name = "input") {
                    " must be float64, float32, float16 or bfloat16, got ", dtype_name(t));
 }
 
+// A 1-D tensor of one value per channel, on `device` (where `owner`, what it belongs with, is).
+void check_per_channel(const Tensor& t, const char* name, int64_t channels, const c10::Device& device,
+                       const char* owner) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == channels, "fusedbn: ", name, " must have shape (", channels,
+                    ",), one value per channel, got ", shape_name(t.sizes()));
+  TORCH_CHECK_VALUE(t.device() == device, "fusedbn: ", name, " is on ", t.device(), " but ", owner, " is on ",
+                    device);
+}
+
 // Per-channel tensors have C elements and the input's dtype, or float32 when the input is float16/bfloat16
 // (parameters and statistics kept in float32, as nn.BatchNorm2d allows).
 void check_channel_tensor(const Tensor& t, const char* name, const Tensor& input) {
   if (!t.defined()) return;
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == input.size(1), "fusedbn: ", name, " must have shape (",
-                    input.size(1), ",), one value per input channel, got ", shape_name(t.sizes()));
-  TORCH_CHECK_VALUE(t.device() == input.device(), "fusedbn: ", name, " is on ", t.device(),
-                    " but input is on ", input.device());
+  check_per_channel(t, name, input.size(1), input.device(), "input");
   const bool low_precision = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type() || (low_precision && t.scalar_type() == at::kFloat),
                    "fusedbn: ", name, " must have dtype ", dtype_name(input.scalar_type()),
@@ -114,7 +120,7 @@ void check_operands(const Tensor& input, const Tensor& weight, const Tensor& bia
 }
 
 // mean and invstd as the forward ops return them (one value per channel).
-void check_statistics(const Tensor& mean, const Tensor& invstd, const Tensor& input) {
+void check_saved_statistics(const Tensor& mean, const Tensor& invstd, const Tensor& input) {
   TORCH_CHECK_VALUE(mean.dim() == 1 && mean.size(0) == input.size(1) && invstd.sizes() == mean.sizes(),
                     "fusedbn: mean and invstd must be 1-D tensors of ", input.size(1), " elements");
 }
@@ -258,7 +264,6 @@ std::tuple<Tensor, Tensor, Tensor> normalize(const Tensor& input, const OptTenso
                                              c10::string_view activation, double negative_slope) {
   const Tensor weight = value_or_undefined(weight_opt), bias = value_or_undefined(bias_opt);
   const Tensor residual = value_or_undefined(residual_opt);
-  TORCH_CHECK_VALUE(mean_in.defined() && var_in.defined(), "fusedbn: normalize needs mean and var");
   check_operands(input, weight, bias, residual, mean_in, var_in, "mean", "var");
   check_eps(eps, false);
   const Activation act = parse_activation(std::string(activation));
@@ -282,7 +287,7 @@ Tensor renormalize(const Tensor& input, const OptTensor& weight_opt, const OptTe
   const Tensor weight = value_or_undefined(weight_opt), bias = value_or_undefined(bias_opt);
   const Tensor residual = value_or_undefined(residual_opt);
   check_operands(input, weight, bias, residual);
-  check_statistics(mean, invstd, input);
+  check_saved_statistics(mean, invstd, input);
   TORCH_CHECK_TYPE(mean.scalar_type() == stats_dtype(input) && invstd.scalar_type() == stats_dtype(input),
                    "fusedbn: mean and invstd must have dtype ", stats_dtype(input), " (as the forward returns them)");
   const Activation act = parse_activation(std::string(activation));
@@ -303,12 +308,9 @@ Tensor update_running_stats(Tensor& running_mean, Tensor& running_var, const Opt
                     "fusedbn: batch_mean and batch_m2 must be 1-D tensors of the same size");
   for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{running_mean, "running_mean"},
                                 {running_var, "running_var"}}) {
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch_mean.size(0), "fusedbn: ", name, " must have shape (",
-                      batch_mean.size(0), ",), one value per channel, got ", shape_name(t.sizes()));
+    check_per_channel(t, name, batch_mean.size(0), batch_mean.device(), "batch_mean");
     TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "fusedbn: ", name, " must be floating point, got ",
                      dtype_name(t.scalar_type()));
-    TORCH_CHECK_VALUE(t.device() == batch_mean.device(), "fusedbn: ", name, " is on ", t.device(),
-                      " but the batch statistics are on ", batch_mean.device());
   }
   check_running_update(nbt, count, momentum);
   Tensor updated = at::empty({}, batch_mean.options().dtype(at::kBool));
@@ -331,7 +333,7 @@ BackwardArgs prepare_backward(const Tensor& grad_output, const Tensor& input, co
                               c10::string_view activation) {
   check_operands(input, weight, bias, residual);
   check_like_input(grad_output, "grad_output", input);
-  check_statistics(mean, invstd, input);
+  check_saved_statistics(mean, invstd, input);
   const auto format = layout_format(input);
   const Tensor x = input.contiguous(format);
   return {format, grad_output.contiguous(format), x, dense(residual, format), make_layout(x, format),
@@ -345,6 +347,11 @@ Tensor grad_residual_like(const BackwardArgs& a) {
 
 Tensor or_empty(const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); }
 
+// A parameter's gradient in the parameter's dtype (the statistics' dtype where there is no parameter).
+Tensor in_dtype_of(const Tensor& grad, const Tensor& parameter, const Tensor& invstd) {
+  return grad.to(parameter.defined() ? parameter.scalar_type() : invstd.scalar_type());
+}
+
 // The reduction of the backward: Σg and Σg·(x − mean), and from them the weight gradient Σg·(x − mean)·invstd (in the
 // weight's dtype). A synchronised batch norm all-reduces the two sums before backward_elemt.
 std::tuple<Tensor, Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tensor& input,
@@ -355,7 +362,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const Tensor& grad_output, co
   const auto a = prepare_backward(grad_output, input, value_or_undefined(residual), mean, invstd, w, b, activation);
   GradSums sums{channel_empty(a.x), channel_empty(a.x), channel_empty(a.x)};
   backend_for(a.x).backward_reduce({a.x, a.z, mean, invstd, w, b, a.layout, a.act, negative_slope}, a.dy, sums);
-  return {sums.sum_dy, sums.sum_dy_xmu, sums.grad_weight.to(w.defined() ? w.scalar_type() : invstd.scalar_type())};
+  return {sums.sum_dy, sums.sum_dy_xmu, in_dtype_of(sums.grad_weight, w, invstd)};
 }
 
 std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tensor& input, const OptTensor& residual,
@@ -403,8 +410,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   }
   Tensor grad_weight, grad_bias;
   if (sums.sum_dy.defined()) {
-    grad_weight = sums.grad_weight.to(w.defined() ? w.scalar_type() : invstd.scalar_type());
-    grad_bias = sums.sum_dy.to(b.defined() ? b.scalar_type() : invstd.scalar_type());
+    grad_weight = in_dtype_of(sums.grad_weight, w, invstd);
+    grad_bias = in_dtype_of(sums.sum_dy, b, invstd);
   }
   return {grad_input, or_empty(grad_residual, a.x), or_empty(grad_weight, invstd), or_empty(grad_bias, invstd)};
 }
