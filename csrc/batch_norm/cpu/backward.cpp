@@ -60,7 +60,7 @@ SumPair reduce_span_item(const MaskedGrad<scalar_t, A, kResidual>& grad, const L
   return {sum_dy, sum_dy_xmu};
 }
 
-SumPair add(const SumPair& a, const SumPair& b) { return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu}; }
+inline SumPair add(const SumPair& a, const SumPair& b) { return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu}; }
 
 // dx = g·scale − c1 − (x − mean)·c2 and dz = g, element by element.
 template <typename scalar_t, Activation A, bool kResidual>
@@ -163,7 +163,7 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
         }
         for (int64_t c = 0; c < C; ++c) out[c] = {static_cast<double>(s1[c]), static_cast<double>(s2[c])};
       },
-      add);
+      [](const SumPair& a, const SumPair& b) { return add(a, b); });
   std::vector<double> s1(l.channels), s2(l.channels);
   for (int64_t c = 0; c < l.channels; ++c) {
     s1[c] = result[c].sum_dy;

@@ -155,12 +155,20 @@ std::vector<Partial> reduce_per_channel(const Layout& l, Partial zero, const Spa
     per_channel = n_items;
   }
   // Planar partials are [channel][item], interleaved ones [item][channel]; each channel merges in item order.
-  const int64_t channel_stride = l.inner > 1 ? per_channel : 1, item_stride = l.inner > 1 ? 1 : C;
+  // Interleaved: item by item, each merged into every channel's accumulator in one loop over the channels, which
+  // gcc vectorises (a channel's chain of merges, one after another, waited on each merge's division).
   at::parallel_for(0, C, std::max<int64_t>(1, 4096 / per_channel), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      Partial acc = zero;
-      for (int64_t k = 0; k < per_channel; ++k) acc = merge(acc, partials[c * channel_stride + k * item_stride]);
-      result[c] = acc;
+    Partial* __restrict__ acc = result.data();
+    if (l.inner > 1) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t k = 0; k < per_channel; ++k) acc[c] = merge(acc[c], partials[c * per_channel + k]);
+      }
+      return;
+    }
+    for (int64_t k = 0; k < per_channel; ++k) {
+      const Partial* __restrict__ item = partials.data() + k * C;
+#pragma omp simd
+      for (int64_t c = begin; c < end; ++c) acc[c] = merge(acc[c], item[c]);
     }
   });
   return result;
