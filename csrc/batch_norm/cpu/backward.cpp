@@ -140,6 +140,8 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
         opmath_t* __restrict__ s2 = s1 + C;
         int64_t r = r0;
         for (; r + 4 <= r1; r += 4) {
+          prefetch_rows_ahead(grad.x, r * C, 4 * C, r1 * C);
+          prefetch_rows_ahead(grad.dy, r * C, 4 * C, r1 * C);
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const int64_t i0 = r * C + c, i1 = i0 + C, i2 = i1 + C, i3 = i2 + C;

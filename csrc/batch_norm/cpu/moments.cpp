@@ -39,6 +39,7 @@ void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int
     std::fill(s1, s1 + 2 * C, opmath_t(0));
     int64_t r = row_begin;
     for (; r + 4 <= row_end; r += 4) {
+      prefetch_rows_ahead(x, r * C, 4 * C, row_end * C);
       const scalar_t* r0 = x + r * C;
       const scalar_t* r1 = r0 + C;
       const scalar_t* r2 = r1 + C;
