@@ -13,6 +13,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "streaming_stores.h"
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -123,40 +125,53 @@ inline void convert_from_opmath(const at::opmath_type<scalar_t>* __restrict__ sr
 // pass through a small buffer in L1, filled from as many blocks as fit and converted in one loop: converting in
 // the loop that computes them let gcc move the ReLU's select past the conversion (nearly twice the instructions
 // per element), and converting block by block cost a loop prologue and epilogue per short block (49-value
-// spans, 64-channel rows).
+// spans, 64-channel rows). With `streaming`, every output passes through the buffer and is written to y with
+// streaming stores (streaming_stores.h).
 template <typename scalar_t, typename F>
-inline void store_converted_blocks(scalar_t* __restrict__ y, int64_t blocks, int64_t len, const F& block_fn) {
+inline void store_converted_blocks(scalar_t* __restrict__ y, int64_t blocks, int64_t len, const F& block_fn,
+                                   bool streaming = false) {
   using opmath_t = at::opmath_type<scalar_t>;
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      scalar_t* __restrict__ out = y + b * len;
-      const auto f = block_fn(b);
+    if (!streaming) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        scalar_t* __restrict__ out = y + b * len;
+        const auto f = block_fn(b);
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) out[j] = f(j);
-    }
-  } else {
-    constexpr int64_t kChunk = 512;
-    opmath_t buf[kChunk];
-    int64_t filled = 0;
-    const auto flush = [&] {
-      convert_from_opmath(buf, y, filled);
-      y += filled;
-      filled = 0;
-    };
-    for (int64_t b = 0; b < blocks; ++b) {
-      const auto f = block_fn(b);
-      for (int64_t j0 = 0; j0 < len;) {
-        const int64_t m = std::min(kChunk - filled, len - j0);
-        opmath_t* __restrict__ dst = buf + filled;
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) dst[j] = f(j0 + j);
-        filled += m;
-        j0 += m;
-        if (filled == kChunk) flush();
+        for (int64_t j = 0; j < len; ++j) out[j] = f(j);
       }
+      return;
     }
-    flush();
   }
+  constexpr int64_t kChunk = 512;
+  opmath_t buf[kChunk];
+  int64_t filled = 0;
+  const auto flush = [&] {
+    if (!streaming) {
+      convert_from_opmath(buf, y, filled);
+    } else if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      stream_copy(buf, y, filled);
+    } else {
+      scalar_t converted[kChunk];
+      convert_from_opmath(buf, converted, filled);
+      stream_copy(converted, y, filled);
+    }
+    y += filled;
+    filled = 0;
+  };
+  for (int64_t b = 0; b < blocks; ++b) {
+    const auto f = block_fn(b);
+    for (int64_t j0 = 0; j0 < len;) {
+      const int64_t m = std::min(kChunk - filled, len - j0);
+      opmath_t* __restrict__ dst = buf + filled;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) dst[j] = f(j0 + j);
+      filled += m;
+      j0 += m;
+      if (filled == kChunk) flush();
+    }
+  }
+  flush();
+  if (streaming) streaming_fence();
 }
 
 }  // namespace fusedbn::cpu

@@ -6,7 +6,8 @@
 // deviations from the mean long before (|mean|/σ > 2^8 for bfloat16, 2^11 for float16).
 //
 // bfloat16 without a residual, with identity, ReLU or LeakyReLU, is normalised 16 values at a time in AVX2 registers
-// (`tiles`); other 16-bit cases pass through store_converted_blocks' float buffer.
+// (`tiles`); other 16-bit cases, and every output written with streaming stores, pass through
+// store_converted_blocks' float buffer.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -17,6 +18,7 @@
 
 #include "../kernel_args.h"
 #include "channel_coefs.h"
+#include "streaming_stores.h"
 #include "work_items.h"
 
 namespace fusedbn::cpu {
@@ -28,12 +30,14 @@ struct Normalizer {
   const scalar_t* __restrict__ z;
   scalar_t* __restrict__ y;
   opmath_t slope;
+  bool streaming;  // y written with streaming stores (streaming_stores.h): x [, z] and y exceed the cache
 
   Normalizer(const NormInputs& in, at::Tensor& output)
       : x(in.input.const_data_ptr<scalar_t>()),
         z(kResidual ? in.residual.const_data_ptr<scalar_t>() : nullptr),
         y(output.mutable_data_ptr<scalar_t>()),
-        slope(static_cast<opmath_t>(in.negative_slope)) {}
+        slope(static_cast<opmath_t>(in.negative_slope)),
+        streaming(streams_output(in.input.numel() * static_cast<int64_t>(sizeof(scalar_t)) * (kResidual ? 3 : 2))) {}
 
   static constexpr bool kFusedMultiplyAdd = sizeof(scalar_t) == 2;
 
@@ -108,6 +112,13 @@ struct Normalizer {
   static constexpr bool kTiles = false;
 #endif
 
+  // An interleaved row of C channels of a float or double input, with per-channel coefficients, written directly.
+  void row(int64_t begin, int64_t C, const opmath_t* __restrict__ mean, const opmath_t* __restrict__ scale,
+           const opmath_t* __restrict__ shift) const {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) y[begin + c] = value(begin + c, mean[c], scale[c], shift[c]);
+  }
+
   // The output of element begin + j as a function of j, for one channel's coefficients.
   auto channel_fn(int64_t begin, opmath_t mean, opmath_t scale, opmath_t shift) const {
     return [*this, begin, mean, scale, shift](int64_t j) { return value(begin + j, mean, scale, shift); };
@@ -119,12 +130,13 @@ struct Normalizer {
     for (int64_t o = it.outer_begin; o < it.outer_end; ++o) {
       const int64_t begin = span_offset(l, o, it.channel, it.inner_begin);
       if constexpr (kTiles) {
-        if (len >= 16) {
+        if (len >= 16 && !streaming) {
           span_tiles(begin, len, scale, fma_offset(mean, scale, shift));
           continue;
         }
       }
-      store_converted_blocks(y + begin, 1, len, [&](int64_t) { return channel_fn(begin, mean, scale, shift); });
+      store_converted_blocks(
+          y + begin, 1, len, [&](int64_t) { return channel_fn(begin, mean, scale, shift); }, streaming);
     }
   }
 
@@ -134,17 +146,20 @@ struct Normalizer {
     const int64_t len = run.inner_end - run.inner_begin;
     const int64_t begin = span_offset(l, run.outer, run.channel_begin, run.inner_begin);
     if constexpr (kTiles) {
-      if (len >= 16) {
+      if (len >= 16 && !streaming) {
         for (int64_t c = run.channel_begin; c < run.channel_end; ++c) {
           span_tiles(begin + (c - run.channel_begin) * len, len, scale[c], fma_offset(mean[c], scale[c], shift[c]));
         }
         return;
       }
     }
-    store_converted_blocks(y + begin, run.channel_end - run.channel_begin, len, [&](int64_t b) {
-      const int64_t c = run.channel_begin + b;
-      return channel_fn(begin + b * len, mean[c], scale[c], shift[c]);
-    });
+    store_converted_blocks(
+        y + begin, run.channel_end - run.channel_begin, len,
+        [&](int64_t b) {
+          const int64_t c = run.channel_begin + b;
+          return channel_fn(begin + b * len, mean[c], scale[c], shift[c]);
+        },
+        streaming);
   }
 };
 
