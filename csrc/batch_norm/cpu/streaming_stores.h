@@ -43,8 +43,15 @@ inline int64_t last_level_cache_bytes() {
   return bytes;
 }
 
-// Whether a pass that reads and writes `bytes_moved` bytes in all writes its output with streaming stores.
-inline bool streams_output(int64_t bytes_moved) { return bytes_moved > last_level_cache_bytes(); }
+// Whether a pass that reads and writes `bytes_moved` bytes in all writes its output with streaming stores (never in
+// a build without AVX, where stream_copy would be a plain copy).
+inline bool streams_output(int64_t bytes_moved) {
+#if defined(__AVX__)
+  return bytes_moved > last_level_cache_bytes();
+#else
+  return false;
+#endif
+}
 
 // dst[0, n) = src[0, n): the whole 64-byte lines of dst with non-temporal stores, the partial ones at either end
 // with ordinary stores. Callers end with streaming_fence().
