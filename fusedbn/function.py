@@ -230,7 +230,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_
 def warn_if_not_updated(updated: Tensor) -> None:
     """The non-finite guard's warning. It reads a flag on the host: on CUDA that would synchronise every layer of every
     step, so there the guard (applied on the device) is silent, and so it is in graphs (torch.compile, jit.trace)."""
-    if updated.is_cpu and not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not updated.item():
+    if updated.is_cpu and not (compiling() or torch.jit.is_tracing()) and not updated.item():
         warnings.warn("fusedbn: the batch mean or variance is not finite (NaN or Inf in the input); running "
                       "statistics and num_batches_tracked were left unchanged for this batch", RuntimeWarning,
                       stacklevel=4)
