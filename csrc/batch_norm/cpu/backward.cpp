@@ -7,6 +7,7 @@
 // statistics are constants, as in eval mode).
 #include "kernels.h"
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -37,7 +38,7 @@ struct MaskedGrad {
         z(kResidual ? in.residual.const_data_ptr<scalar_t>() : nullptr),
         slope(static_cast<opmath_t>(in.negative_slope)) {}
 
-  opmath_t xmu(int64_t i, opmath_t mean) const { return to_opmath(x[i]) - mean; }
+  opmath_t xmu(int64_t i, opmath_t mean) const { return subtract_on_fma_unit(to_opmath(x[i]), mean); }
 
   opmath_t operator()(int64_t i, opmath_t xmu, opmath_t scale, opmath_t shift) const {
     const opmath_t residual = kResidual && A != Activation::Identity ? to_opmath(z[i]) : opmath_t(0);
@@ -129,19 +130,23 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
       [&](const SpanItem& it) {
         return reduce_span_item(grad, l, it, k.mean[it.channel], k.scale[it.channel], k.shift[it.channel]);
       },
-      // Rows in memory order, four at a time added first into per-channel sums in L1 (as row_item_moments).
+      // Rows in memory order, four at a time added first into per-channel sums in L1 (RowSums), with fused
+      // multiply-adds (as row_item_moments).
       [&, grad](int64_t r0, int64_t r1, SumPair* out) {
         const int64_t C = l.channels;
         const opmath_t* __restrict__ mean = k.mean.data();
         const opmath_t* __restrict__ scale = k.scale.data();
         const opmath_t* __restrict__ shift = k.shift.data();
-        std::vector<opmath_t> sums(2 * C, opmath_t(0));
-        opmath_t* __restrict__ s1 = sums.data();
-        opmath_t* __restrict__ s2 = s1 + C;
+        const bool prefetch = prefetches_rows(2 * l.numel() * static_cast<int64_t>(sizeof(scalar_t)));
+        RowSums<opmath_t> sums(C);
+        opmath_t* __restrict__ s1 = sums.first();
+        opmath_t* __restrict__ s2 = sums.second();
         int64_t r = r0;
         for (; r + 4 <= r1; r += 4) {
-          prefetch_rows_ahead(grad.x, r * C, 4 * C, r1 * C);
-          prefetch_rows_ahead(grad.dy, r * C, 4 * C, r1 * C);
+          if (prefetch) {
+            prefetch_rows_ahead(grad.x, r * C, 4 * C, r1 * C);
+            prefetch_rows_ahead(grad.dy, r * C, 4 * C, r1 * C);
+          }
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const int64_t i0 = r * C + c, i1 = i0 + C, i2 = i1 + C, i3 = i2 + C;
@@ -150,8 +155,9 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
             const opmath_t g0 = grad(i0, xmu0, scale[c], shift[c]), g1 = grad(i1, xmu1, scale[c], shift[c]);
             const opmath_t g2 = grad(i2, xmu2, scale[c], shift[c]), g3 = grad(i3, xmu3, scale[c], shift[c]);
             s1[c] += (g0 + g1) + (g2 + g3);
-            s2[c] += (g0 * xmu0 + g1 * xmu1) + (g2 * xmu2 + g3 * xmu3);
+            s2[c] += std::fma(g0, xmu0, g1 * xmu1) + std::fma(g2, xmu2, g3 * xmu3);
           }
+          sums.end_group();
         }
         for (; r < r1; ++r) {
 #pragma omp simd
@@ -163,7 +169,8 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
             s2[c] += g * xmu;
           }
         }
-        for (int64_t c = 0; c < C; ++c) out[c] = {static_cast<double>(s1[c]), static_cast<double>(s2[c])};
+        const double* total = sums.totals();
+        for (int64_t c = 0; c < C; ++c) out[c] = {total[c], total[C + c]};
       },
       [](const SumPair& a, const SumPair& b) { return add(a, b); });
   std::vector<double> s1(l.channels), s2(l.channels);

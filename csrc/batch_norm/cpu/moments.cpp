@@ -11,6 +11,7 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "moments.h"
@@ -21,36 +22,40 @@ namespace fusedbn::cpu {
 namespace {
 
 // One pass over a block of rows in memory order, each channel shifted by its value in the first row. Four rows at
-// a time are added first, (d0 + d1) + (d2 + d3), to per-channel sums in an L1-resident array: the rows stream
-// contiguously, and the four-row sums spread the additions to the array over four times the values. The block is
-// reduced again around the means so found where a shift was too far from its channel's mean (see
-// span_item_moments).
+// a time are added first, (d0 + d1) + (d2 + d3) and fma(d0, d0, d1²) + fma(d2, d2, d3²), to per-channel sums in L1
+// (RowSums): the rows stream contiguously, and the four-row sums spread the additions to the arrays over four times
+// the values. The block is reduced again around the means so found where a shift was too far from its channel's
+// mean (see span_item_moments).
 template <typename scalar_t>
 void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int64_t row_end, Stats* out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = l.channels;
   const double n = static_cast<double>(row_end - row_begin);
-  std::vector<opmath_t> buffer(3 * C);
-  opmath_t* __restrict__ shift = buffer.data();
-  opmath_t* __restrict__ s1 = shift + C;
-  opmath_t* __restrict__ s2 = s1 + C;
-  // Writes the block's moments around `shift`; returns whether a shift was too far from its channel's mean.
+  const bool prefetch = prefetches_rows(l.numel() * static_cast<int64_t>(sizeof(scalar_t)));
+  std::vector<opmath_t> shifts(C);
+  RowSums<opmath_t> sums(C);
+  // Writes the block's moments around `shifts`; returns whether a shift was too far from its channel's mean.
   const auto moments_around = [&] {
-    std::fill(s1, s1 + 2 * C, opmath_t(0));
+    sums.reset();
+    const opmath_t* __restrict__ shift = shifts.data();
+    opmath_t* __restrict__ s1 = sums.first();
+    opmath_t* __restrict__ s2 = sums.second();
     int64_t r = row_begin;
     for (; r + 4 <= row_end; r += 4) {
-      prefetch_rows_ahead(x, r * C, 4 * C, row_end * C);
+      if (prefetch) prefetch_rows_ahead(x, r * C, 4 * C, row_end * C);
       const scalar_t* r0 = x + r * C;
       const scalar_t* r1 = r0 + C;
       const scalar_t* r2 = r1 + C;
       const scalar_t* r3 = r2 + C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const opmath_t d0 = to_opmath(r0[c]) - shift[c], d1 = to_opmath(r1[c]) - shift[c];
-        const opmath_t d2 = to_opmath(r2[c]) - shift[c], d3 = to_opmath(r3[c]) - shift[c];
+        const opmath_t s = shift[c];
+        const opmath_t d0 = subtract_on_fma_unit(to_opmath(r0[c]), s), d1 = subtract_on_fma_unit(to_opmath(r1[c]), s);
+        const opmath_t d2 = subtract_on_fma_unit(to_opmath(r2[c]), s), d3 = subtract_on_fma_unit(to_opmath(r3[c]), s);
         s1[c] += (d0 + d1) + (d2 + d3);
-        s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        s2[c] += std::fma(d0, d0, d1 * d1) + std::fma(d2, d2, d3 * d3);
       }
+      sums.end_group();
     }
     for (; r < row_end; ++r) {
       const scalar_t* row = x + r * C;
@@ -61,16 +66,18 @@ void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int
         s2[c] += d * d;
       }
     }
-    bool too_far = false;
+    const double* __restrict__ total = sums.totals();
+    int too_far = 0;
+#pragma omp simd reduction(| : too_far)
     for (int64_t c = 0; c < C; ++c) {
-      out[c] = moments_from_deviations(n, static_cast<double>(shift[c]), s1[c], s2[c]);
-      too_far = too_far || shift_too_far(s2[c], out[c].m2);
+      out[c] = moments_from_deviations(n, static_cast<double>(shift[c]), total[c], total[C + c]);
+      too_far |= shift_too_far(total[C + c], out[c].m2);
     }
-    return too_far;
+    return too_far != 0;
   };
-  for (int64_t c = 0; c < C; ++c) shift[c] = to_opmath(x[row_begin * C + c]);
+  for (int64_t c = 0; c < C; ++c) shifts[c] = to_opmath(x[row_begin * C + c]);
   if (!moments_around()) return;
-  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(out[c].mean);
+  for (int64_t c = 0; c < C; ++c) shifts[c] = static_cast<opmath_t>(out[c].mean);
   moments_around();
 }
 

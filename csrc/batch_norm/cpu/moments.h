@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 
 #include "../../common/welford.h"
@@ -27,8 +28,11 @@ inline Stats moments_from_deviations(double n, double shift, double sum_d, doubl
 // Whether the shift was too far from the mean for moments_from_deviations: more than 4 bits cancelled
 // (M2 < Σd²/16, a shift more than √15 ≈ 3.9 standard deviations away), or Σd² not finite, which a distant shift
 // can cause where the squared deviations from the mean still fit (values near ±1e19 in float32); for data with
-// NaN or Inf, the second pass gives NaN or Inf again.
-inline bool shift_too_far(double sum_d2, double m2) { return !std::isfinite(sum_d2) || m2 * 16.0 < sum_d2; }
+// NaN or Inf, the second pass gives NaN or Inf again. Written as comparisons only (Σd² ≥ 0, and M2 from
+// moments_from_deviations is never NaN), so that a loop over channels vectorises.
+inline bool shift_too_far(double sum_d2, double m2) {
+  return !(sum_d2 <= std::numeric_limits<double>::max() && m2 * 16.0 >= sum_d2);
+}
 
 // One pass over a planar item with the item's first value as the shift: a sample of the data, so usually within
 // a few standard deviations of the mean. Where it was not (an outlier first), a second pass around the mean
