@@ -61,7 +61,7 @@ void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int
       const scalar_t* row = x + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const opmath_t d = to_opmath(row[c]) - shift[c];
+        const opmath_t d = subtract_on_fma_unit(to_opmath(row[c]), shift[c]);
         s1[c] += d;
         s2[c] += d * d;
       }

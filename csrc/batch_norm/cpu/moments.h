@@ -45,7 +45,7 @@ Stats span_item_moments(const scalar_t* x, const Layout& l, const SpanItem& it) 
   const double n = static_cast<double>((it.outer_end - it.outer_begin) * len);
   const auto around = [&](opmath_t shift) {
     const auto deviations = [x, shift](int64_t i) {
-      const opmath_t d = to_opmath(x[i]) - shift;
+      const opmath_t d = subtract_on_fma_unit(to_opmath(x[i]), shift);
       return std::pair<opmath_t, opmath_t>(d, d * d);
     };
     const auto [sum_d, sum_d2] = sums_over_spans<opmath_t>(it.outer_begin, it.outer_end, len, offset, deviations);
