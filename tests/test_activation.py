@@ -50,6 +50,27 @@ def test_activation_and_residual_match_nn(act, residual, training, memory_format
         torch.testing.assert_close(fused.running_var, ref.running_var, **F64)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "relu6", "hardswish"])
+def test_outputs_stored_in_blocks_of_vectors_match_nn(act, dtype, memory_format):
+    # Rows of 67 channels (channels_last) and spans of 67 values (NCHW): whole blocks of four vectors
+    # (csrc/batch_norm/cpu/blocked_stores.h: 64 floats or 32 doubles with AVX-512, half that with AVX) and a remainder,
+    # in the forward output and in dx; outputs are poisoned with NaN before the kernels write them (conftest.py).
+    shape = (3, 67, 1, 67)
+    ref, fused = module_pair(67, dtype=dtype, activation=act, negative_slope=0.2)
+    tol = TOL[dtype]
+    for training in (True, False):
+        ref.train(training), fused.train(training)
+        x = random_input(shape, dtype, memory_format=memory_format)
+        g = torch.randn(shape, dtype=torch.float64).to(dtype)
+        ref.zero_grad(), fused.zero_grad()
+        y_ref, dx_ref, _ = run(ref, x, None, act, g)
+        y, dx, _ = run(fused, x, None, act, g)
+        torch.testing.assert_close(y, y_ref, **tol)
+        torch.testing.assert_close(dx, dx_ref, **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu", "relu6", "hardswish", "gelu"])
 def test_nan_passes_through_the_activation_as_in_torch(act, dtype):

@@ -91,7 +91,11 @@ def test_equivalent_to_nn(case):
             y = fused(xf)
         torch.testing.assert_close(y, y_ref, **tol)
         y_ref.backward(g), y.backward(g)
-        torch.testing.assert_close(xf.grad, xr.grad, **tol)
+        # dx carries the input's error times invstd, over the whole gradient (g·invstd and the mean terms): its
+        # error scales with the gradient's largest value, not with each element's own.
+        largest = xr.grad.abs().max().item() if xr.grad.numel() else 0.0
+        grad_tol = dict(tol, atol=tol["atol"] * max(1.0, largest))
+        torch.testing.assert_close(xf.grad, xr.grad, **grad_tol)
         for (name, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
             torch.testing.assert_close(b, a, **tol, msg=name)
         if case["affine"]:

@@ -87,6 +87,10 @@ C10_HOST_DEVICE inline T activate(T v, T negative_slope) {
   }
 }
 
+// Whether act and act' are a few compares, selects and arithmetic (straight-line code that vectorises anywhere),
+// rather than an exp or erf.
+constexpr bool is_piecewise_polynomial(Activation A) { return A != Activation::SiLU && A != Activation::GELU; }
+
 // d act(v) / dv, evaluated at the pre-activation v (recomputed in backward, never stored).
 // ReLU and LeakyReLU take the derivative at 0 from the left, as torch does.
 template <Activation A, typename T>

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "blocked_stores.h"
 #include "channel_coefs.h"
 #include "work_items.h"
 
@@ -78,16 +79,40 @@ struct GradWriter {
         dx(grad_input.mutable_data_ptr<scalar_t>()),
         dz(kWriteDz ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr) {}
 
+  // With dx the only output and a cheap activation, dx is stored in blocks of vectors (blocked_stores.h).
+  static constexpr bool kInBlocks = !kWriteDz && is_piecewise_polynomial(A);
+
+  opmath_t dx_value(int64_t i, opmath_t g, opmath_t xmu, opmath_t scale, opmath_t c1, opmath_t c2) const {
+    return g * scale - c1 - xmu * c2;
+  }
+
   void element(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1, opmath_t c2) const {
     const opmath_t xmu = grad.xmu(i, mean);
     const opmath_t g = grad(i, xmu, scale, shift);
-    dx[i] = from_opmath<scalar_t>(g * scale - c1 - xmu * c2);
+    dx[i] = from_opmath<scalar_t>(dx_value(i, g, xmu, scale, c1, c2));
     if constexpr (kWriteDz) dz[i] = from_opmath<scalar_t>(g);
   }
 
-  void span(int64_t begin, int64_t len, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1, opmath_t c2) const {
+  // Elements [begin, begin + len), coefficients coef(j) = (mean, scale, shift, c1, c2) of element begin + j.
+  template <typename Coefs>
+  void elements(int64_t begin, int64_t len, const Coefs& coef) const {
+    if constexpr (kInBlocks) {
+      store_elements<true>(dx + begin, len, [w = *this, begin, coef](int64_t j) {
+        const auto [mean, scale, shift, c1, c2] = coef(j);
+        const opmath_t xmu = w.grad.xmu(begin + j, mean);
+        return from_opmath<scalar_t>(w.dx_value(begin + j, w.grad(begin + j, xmu, scale, shift), xmu, scale, c1, c2));
+      });
+    } else {
 #pragma omp simd
-    for (int64_t j = begin; j < begin + len; ++j) element(j, mean, scale, shift, c1, c2);
+      for (int64_t j = 0; j < len; ++j) {
+        const auto [mean, scale, shift, c1, c2] = coef(j);
+        element(begin + j, mean, scale, shift, c1, c2);
+      }
+    }
+  }
+
+  void span(int64_t begin, int64_t len, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1, opmath_t c2) const {
+    elements(begin, len, [=](int64_t) { return std::tuple(mean, scale, shift, c1, c2); });
   }
 
   void span_item(const Layout& l, const SpanItem& it, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1,
@@ -216,8 +241,7 @@ void backward_elemt_typed(const NormInputs& in, const at::Tensor& grad_output, c
         const opmath_t* __restrict__ a = c1.data();
         const opmath_t* __restrict__ b = c2.data();
         for (int64_t r = r0; r < r1; ++r) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) writer.element(r * C + c, mean[c], scale[c], shift[c], a[c], b[c]);
+          writer.elements(r * C, C, [=](int64_t c) { return std::tuple(mean[c], scale[c], shift[c], a[c], b[c]); });
         }
       });
 }

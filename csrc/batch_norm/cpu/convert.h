@@ -13,6 +13,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "blocked_stores.h"
 #include "streaming_stores.h"
 
 #if defined(__AVX2__)
@@ -126,19 +127,15 @@ inline void convert_from_opmath(const at::opmath_type<scalar_t>* __restrict__ sr
 // the loop that computes them let gcc move the ReLU's select past the conversion (nearly twice the instructions
 // per element), and converting block by block cost a loop prologue and epilogue per short block (49-value
 // spans, 64-channel rows). With `streaming`, every output passes through the buffer and is written to y with
-// streaming stores (streaming_stores.h).
-template <typename scalar_t, typename F>
+// streaming stores (streaming_stores.h). Float and double outputs without streaming are stored directly, in blocks of
+// vectors where kInBlocks (blocked_stores.h).
+template <bool kInBlocks, typename scalar_t, typename F>
 inline void store_converted_blocks(scalar_t* __restrict__ y, int64_t blocks, int64_t len, const F& block_fn,
                                    bool streaming = false) {
   using opmath_t = at::opmath_type<scalar_t>;
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
     if (!streaming) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        scalar_t* __restrict__ out = y + b * len;
-        const auto f = block_fn(b);
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) out[j] = f(j);
-      }
+      for (int64_t b = 0; b < blocks; ++b) store_elements<kInBlocks>(y + b * len, len, block_fn(b));
       return;
     }
   }

@@ -44,7 +44,7 @@ void normalize_typed(const NormInputs& in, at::Tensor& output) {
             return;
           }
         }
-        store_converted_blocks(
+        store_converted_blocks<Norm::kInBlocks>(
             norm.y + r0 * C, r1 - r0, C,
             [&](int64_t b) {
               const int64_t row = (r0 + b) * C;
