@@ -155,47 +155,17 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
       [&](const SpanItem& it) {
         return reduce_span_item(grad, l, it, k.mean[it.channel], k.scale[it.channel], k.shift[it.channel]);
       },
-      // Rows in memory order, four at a time added first into per-channel sums in L1 (RowSums), with fused
-      // multiply-adds (as row_item_moments).
+      // Rows in strips of channels (sums_by_strips): 4 vectors of each sum, with the mean, scale and shift of each
+      // channel 20 registers.
       [&, grad](int64_t r0, int64_t r1, SumPair* out) {
-        const int64_t C = l.channels;
         const opmath_t* __restrict__ mean = k.mean.data();
         const opmath_t* __restrict__ scale = k.scale.data();
         const opmath_t* __restrict__ shift = k.shift.data();
-        const bool prefetch = prefetches_rows(2 * l.numel() * static_cast<int64_t>(sizeof(scalar_t)));
-        RowSums<opmath_t> sums(C);
-        opmath_t* __restrict__ s1 = sums.first();
-        opmath_t* __restrict__ s2 = sums.second();
-        int64_t r = r0;
-        for (; r + 4 <= r1; r += 4) {
-          if (prefetch) {
-            prefetch_rows_ahead(grad.x, r * C, 4 * C, r1 * C);
-            prefetch_rows_ahead(grad.dy, r * C, 4 * C, r1 * C);
-          }
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t i0 = r * C + c, i1 = i0 + C, i2 = i1 + C, i3 = i2 + C;
-            const opmath_t xmu0 = grad.xmu(i0, mean[c]), xmu1 = grad.xmu(i1, mean[c]);
-            const opmath_t xmu2 = grad.xmu(i2, mean[c]), xmu3 = grad.xmu(i3, mean[c]);
-            const opmath_t g0 = grad(i0, xmu0, scale[c], shift[c]), g1 = grad(i1, xmu1, scale[c], shift[c]);
-            const opmath_t g2 = grad(i2, xmu2, scale[c], shift[c]), g3 = grad(i3, xmu3, scale[c], shift[c]);
-            s1[c] += (g0 + g1) + (g2 + g3);
-            s2[c] += std::fma(g0, xmu0, g1 * xmu1) + std::fma(g2, xmu2, g3 * xmu3);
-          }
-          sums.end_group();
-        }
-        for (; r < r1; ++r) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t i = r * C + c;
-            const opmath_t xmu = grad.xmu(i, mean[c]);
-            const opmath_t g = grad(i, xmu, scale[c], shift[c]);
-            s1[c] += g;
-            s2[c] += g * xmu;
-          }
-        }
-        const double* total = sums.totals();
-        for (int64_t c = 0; c < C; ++c) out[c] = {total[c], total[C + c]};
+        const auto total = sums_by_strips<4, opmath_t>(l.channels, r0, r1, [=](int64_t i, int64_t c) {
+          const opmath_t xmu = grad.xmu(i, mean[c]);
+          return std::pair<opmath_t, opmath_t>(grad(i, xmu, scale[c], shift[c]), xmu);
+        });
+        for (int64_t c = 0; c < l.channels; ++c) out[c] = {total[c], total[l.channels + c]};
       },
       [](const SumPair& a, const SumPair& b) { return add(a, b); });
   std::vector<double> s1(l.channels), s2(l.channels);

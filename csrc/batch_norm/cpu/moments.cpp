@@ -21,56 +21,27 @@
 namespace fusedbn::cpu {
 namespace {
 
-// One pass over a block of rows in memory order, each channel shifted by its value in the first row. Four rows at
-// a time are added first, (d0 + d1) + (d2 + d3) and fma(d0, d0, d1²) + fma(d2, d2, d3²), to per-channel sums in L1
-// (RowSums): the rows stream contiguously, and the four-row sums spread the additions to the arrays over four times
-// the values. The block is reduced again around the means so found where a shift was too far from its channel's
-// mean (see span_item_moments).
+// One pass over a block of rows, each channel shifted by its value in the first row, in strips of channels
+// (sums_by_strips). The block is reduced again around the means so found where a shift was too far from its
+// channel's mean (see span_item_moments).
 template <typename scalar_t>
 void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int64_t row_end, Stats* out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = l.channels;
   const double n = static_cast<double>(row_end - row_begin);
-  const bool prefetch = prefetches_rows(l.numel() * static_cast<int64_t>(sizeof(scalar_t)));
   std::vector<opmath_t> shifts(C);
-  RowSums<opmath_t> sums(C);
   // Writes the block's moments around `shifts`; returns whether a shift was too far from its channel's mean.
   const auto moments_around = [&] {
-    sums.reset();
-    const opmath_t* __restrict__ shift = shifts.data();
-    opmath_t* __restrict__ s1 = sums.first();
-    opmath_t* __restrict__ s2 = sums.second();
-    int64_t r = row_begin;
-    for (; r + 4 <= row_end; r += 4) {
-      if (prefetch) prefetch_rows_ahead(x, r * C, 4 * C, row_end * C);
-      const scalar_t* r0 = x + r * C;
-      const scalar_t* r1 = r0 + C;
-      const scalar_t* r2 = r1 + C;
-      const scalar_t* r3 = r2 + C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const opmath_t s = shift[c];
-        const opmath_t d0 = subtract_on_fma_unit(to_opmath(r0[c]), s), d1 = subtract_on_fma_unit(to_opmath(r1[c]), s);
-        const opmath_t d2 = subtract_on_fma_unit(to_opmath(r2[c]), s), d3 = subtract_on_fma_unit(to_opmath(r3[c]), s);
-        s1[c] += (d0 + d1) + (d2 + d3);
-        s2[c] += std::fma(d0, d0, d1 * d1) + std::fma(d2, d2, d3 * d3);
-      }
-      sums.end_group();
-    }
-    for (; r < row_end; ++r) {
-      const scalar_t* row = x + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const opmath_t d = subtract_on_fma_unit(to_opmath(row[c]), shift[c]);
-        s1[c] += d;
-        s2[c] += d * d;
-      }
-    }
-    const double* __restrict__ total = sums.totals();
+    // Σd and Σd², in strips of 8 vectors of each sum (24 registers with the shifts).
+    const opmath_t* shift = shifts.data();
+    const auto total = sums_by_strips<8, opmath_t>(C, row_begin, row_end, [x, shift](int64_t i, int64_t c) {
+      const opmath_t d = subtract_on_fma_unit(to_opmath(x[i]), shift[c]);
+      return std::pair<opmath_t, opmath_t>(d, d);
+    });
     int too_far = 0;
 #pragma omp simd reduction(| : too_far)
     for (int64_t c = 0; c < C; ++c) {
-      out[c] = moments_from_deviations(n, static_cast<double>(shift[c]), total[c], total[C + c]);
+      out[c] = moments_from_deviations(n, static_cast<double>(shifts[c]), total[c], total[C + c]);
       too_far |= shift_too_far(total[C + c], out[c].m2);
     }
     return too_far != 0;

@@ -87,27 +87,6 @@ inline int64_t rows_per_item(const Layout& l) {
   return items > 0 ? (l.outer + items - 1) / items : most;
 }
 
-// The reductions over interleaved items read four rows at a time: four streams C values apart, which the
-// hardware prefetcher does not follow far enough ahead when the rows come from memory. Those loops prefetch the
-// block of rows kRowPrefetchBytes ahead of the one they read (2048 to 8192 measured alike): (32, 256, 14, 14)
-// float32 training forward took 0.61 ms instead of 0.75, the BN+ReLU step 1.92 instead of 2.30 (2 threads, in one
-// process, bench/bench_cpu.py's shuffled rounds). The elementwise passes, one row at a time, gained nothing.
-constexpr int64_t kRowPrefetchBytes = 4096;
-
-// Passes that read fewer bytes than this do not prefetch: their data is in L2 when the layer before has just written
-// it, and the prefetch instructions made the statistics loop of (8, 512, 7, 7) float32 (800 kB) 30 % slower (a
-// standalone copy of the loop, data in L2: 24 µs against 18).
-constexpr int64_t kRowPrefetchMinBytes = int64_t{2} << 20;
-
-inline bool prefetches_rows(int64_t bytes_read) { return bytes_read >= kRowPrefetchMinBytes; }
-
-// Prefetches the cache lines of data[begin, begin + count) kRowPrefetchBytes ahead, up to `end`.
-template <typename T>
-inline void prefetch_rows_ahead(const T* data, int64_t begin, int64_t count, int64_t end) {
-  constexpr int64_t ahead = kRowPrefetchBytes / sizeof(T), line = 64 / sizeof(T);
-  for (int64_t i = begin + ahead; i < std::min(end, begin + ahead + count); i += line) __builtin_prefetch(data + i);
-}
-
 inline int64_t grain_items(int64_t item_elems) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(item_elems, 1));
 }
