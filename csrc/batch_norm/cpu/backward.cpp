@@ -82,14 +82,14 @@ struct GradWriter {
   // With dx the only output and a cheap activation, dx is stored in blocks of vectors (blocked_stores.h).
   static constexpr bool kInBlocks = !kWriteDz && is_piecewise_polynomial(A);
 
-  opmath_t dx_value(int64_t i, opmath_t g, opmath_t xmu, opmath_t scale, opmath_t c1, opmath_t c2) const {
+  static opmath_t dx_value(opmath_t g, opmath_t xmu, opmath_t scale, opmath_t c1, opmath_t c2) {
     return g * scale - c1 - xmu * c2;
   }
 
   void element(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift, opmath_t c1, opmath_t c2) const {
     const opmath_t xmu = grad.xmu(i, mean);
     const opmath_t g = grad(i, xmu, scale, shift);
-    dx[i] = from_opmath<scalar_t>(dx_value(i, g, xmu, scale, c1, c2));
+    dx[i] = from_opmath<scalar_t>(dx_value(g, xmu, scale, c1, c2));
     if constexpr (kWriteDz) dz[i] = from_opmath<scalar_t>(g);
   }
 
@@ -100,7 +100,7 @@ struct GradWriter {
       store_elements<true>(dx + begin, len, [w = *this, begin, coef](int64_t j) {
         const auto [mean, scale, shift, c1, c2] = coef(j);
         const opmath_t xmu = w.grad.xmu(begin + j, mean);
-        return from_opmath<scalar_t>(w.dx_value(begin + j, w.grad(begin + j, xmu, scale, shift), xmu, scale, c1, c2));
+        return from_opmath<scalar_t>(dx_value(w.grad(begin + j, xmu, scale, shift), xmu, scale, c1, c2));
       });
     } else {
 #pragma omp simd
