@@ -29,11 +29,12 @@ inline T subtract_on_fma_unit(T a, T b) {
 }
 
 // The sums Σp and Σp·q (by fused multiply-adds) over rows [row_begin, row_end) of interleaved (channels_last) data,
-// f(i, c) = (p, q) at element index i of channel c, for the channels [c0, c0 + W): one row's strip of W values at a time, the sums of each kind in vector
-// registers (W = kWidth, a constant; kPartial: the last W < kWidth channels of a row, sums in L1), added into the
-// double totals ([0, C) and [C, 2C)) every 64 rows: a sum in float spans at most 64 rows. Summed in float over whole
-// work items (8192 rows of (2, 8, 128, 128)), M2 was off by 1.3-2.2e-6 relative and the eval-mode weight gradient
-// by 8-10e-7; flushed every 64 rows, by 3-8e-8 and 1-2e-7 (tests/test_stability.py).
+// f(i, c) = (p, q) at element index i of channel c, for the channels [c0, c0 + W): one row's strip of W values at a
+// time, the sums of each kind in vector registers (W = kWidth, a constant; kPartial: the last W < kWidth channels
+// of a row, sums in L1), added into the double totals ([0, C) and [C, 2C)) every 64 rows: a sum in float spans at
+// most 64 rows. Summed in float over whole work items (8192 rows of (2, 8, 128, 128)), M2 was off by 1.3-2.2e-6
+// relative and the eval-mode weight gradient by 8-10e-7; with these flushes, by 4-8e-8 and 1.2-2.8e-7
+// (tests/test_stability.py).
 template <int64_t kWidth, bool kPartial, typename acc_t, typename F>
 void strip_sums(int64_t C, int64_t row_begin, int64_t row_end, int64_t c0, int64_t W, const F& f, double* total) {
   constexpr int64_t kRowsPerFlush = 64;
