@@ -73,14 +73,17 @@ struct GradWriter {
   MaskedGrad<scalar_t, A, kResidual> grad;
   scalar_t* __restrict__ dx;
   scalar_t* __restrict__ dz;
+  // With dx the only output and a cheap activation, dx is stored in blocks of vectors where it lies just above x, dy
+  // (or z) modulo 4 KiB (blocked_stores.h).
+  static constexpr bool kInBlocks = !kWriteDz && is_piecewise_polynomial(A);
+  bool in_blocks;
 
   GradWriter(const NormInputs& in, const at::Tensor& grad_output, at::Tensor& grad_input, at::Tensor& grad_residual)
       : grad(in, grad_output),
         dx(grad_input.mutable_data_ptr<scalar_t>()),
-        dz(kWriteDz ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr) {}
-
-  // With dx the only output and a cheap activation, dx is stored in blocks of vectors (blocked_stores.h).
-  static constexpr bool kInBlocks = !kWriteDz && is_piecewise_polynomial(A);
+        dz(kWriteDz ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr),
+        in_blocks(kInBlocks && (stores_alias_loads(grad.x, dx) || stores_alias_loads(grad.dy, dx) ||
+                                (kResidual && stores_alias_loads(grad.z, dx)))) {}
 
   static opmath_t dx_value(opmath_t g, opmath_t xmu, opmath_t scale, opmath_t c1, opmath_t c2) {
     return g * scale - c1 - xmu * c2;
@@ -97,11 +100,14 @@ struct GradWriter {
   template <typename Coefs>
   void elements(int64_t begin, int64_t len, const Coefs& coef) const {
     if constexpr (kInBlocks) {
-      store_elements<true>(dx + begin, len, [w = *this, begin, coef](int64_t j) {
-        const auto [mean, scale, shift, c1, c2] = coef(j);
-        const opmath_t xmu = w.grad.xmu(begin + j, mean);
-        return from_opmath<scalar_t>(dx_value(w.grad(begin + j, xmu, scale, shift), xmu, scale, c1, c2));
-      });
+      store_elements(
+          dx + begin, len,
+          [w = *this, begin, coef](int64_t j) {
+            const auto [mean, scale, shift, c1, c2] = coef(j);
+            const opmath_t xmu = w.grad.xmu(begin + j, mean);
+            return from_opmath<scalar_t>(dx_value(w.grad(begin + j, xmu, scale, shift), xmu, scale, c1, c2));
+          },
+          in_blocks);
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {

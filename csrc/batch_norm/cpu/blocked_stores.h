@@ -1,4 +1,5 @@
-// Elementwise outputs stored a block of vectors at a time, after every input of the block has been loaded.
+// Elementwise outputs stored a block of vectors at a time, after every input of the block has been loaded, where
+// the output lies just above an input modulo 4 KiB.
 //
 // A load whose address matches an earlier, still pending store in its low 12 bits (4 KiB aliasing) waits for that
 // store, though the addresses differ. A loop that loads x[i] and stores y[i] one vector at a time meets this when
@@ -6,11 +7,14 @@
 // That is where glibc's malloc puts an output allocated right after its input whenever the input's size is a
 // multiple of 4 KiB, as most activations' are (torchvision ResNet-50, batch 8, a long-lived heap: y − x ≡ 64 for 31
 // of 159 batch norm calls, within (0, 256] for 45). A standalone copy of the NCHW normalisation loop,
-// (32, 256, 14, 14) float32, one thread, data in L3: 225 µs at y − x ≡ 64 against 177 at 0; four vectors at a time,
-// 180 and 175 (level with the plain loop at 512, 576 and 2048). Loading the whole block before its first store
-// leaves at most one aliased load per block. In bench_cpu's shuffled rounds (both variants in one process, 2 threads)
-// the evals took 0-19 % less ((32, 256, 14, 14) 0.38-0.45 against 0.43-0.51 ms), training forwards and steps
-// within ±7 %.
+// (32, 256, 14, 14) float32, one thread, data in L3: 242-252 µs at y − x ≡ 64, 204-206 at 128, 195-203 at 192 and
+// 256, 186-192 at 0, 173-199 from 512 on; four vectors at a time, 180 at 64 against 225 one at a time. Loading the
+// whole block before its first store leaves at most one aliased load per block.
+//
+// Elsewhere the plain loop runs: where x comes from memory rather than cache (bench_cpu's shuffled rounds with
+// torch.compile's runners among them), blocks cost time. There, with this rule instead of blocks everywhere, the
+// float32 BN+ReLU steps of bench_cpu's eight cases took 1-9 % less time in 13 of 14 runs and the evals -4 to +9 %
+// (HISTORY.md, session 19).
 #pragma once
 
 #include <cstdint>
@@ -29,13 +33,20 @@ constexpr bool kStoresInBlocks =
     false;
 #endif
 
-// out[j] = f(j) for j in [0, n), in blocks of four vectors where kInBlocks (and kStoresInBlocks<T>), else in one
+// Whether stores to `out` can wait on loads from `in` at the same index (4 KiB aliasing): out lies 1 to 256 bytes
+// above `in` modulo 4 KiB.
+inline bool stores_alias_loads(const void* in, const void* out) {
+  const uintptr_t d = (reinterpret_cast<uintptr_t>(out) - reinterpret_cast<uintptr_t>(in)) % 4096;
+  return d > 0 && d <= 256;
+}
+
+// out[j] = f(j) for j in [0, n), in blocks of four vectors where in_blocks (and kStoresInBlocks<T>), else in one
 // `omp simd` loop. f is the element's formula. Values are the same either way.
-template <bool kInBlocks, typename T, typename F>
-inline void store_elements(T* __restrict__ out, int64_t n, const F& f) {
+template <typename T, typename F>
+inline void store_elements(T* __restrict__ out, int64_t n, const F& f, bool in_blocks) {
   int64_t j0 = 0;
 #if defined(__x86_64__) && defined(__AVX__)
-  if constexpr (kInBlocks && kStoresInBlocks<T>) {
+  if constexpr (kStoresInBlocks<T>) {
 #if defined(__AVX512F__)
     constexpr int64_t kVectorBytes = 64;
 #else
@@ -43,7 +54,7 @@ inline void store_elements(T* __restrict__ out, int64_t n, const F& f) {
 #endif
     typedef T Vector __attribute__((vector_size(kVectorBytes)));
     constexpr int64_t kLanes = kVectorBytes / sizeof(T), kBlock = 4 * kLanes;
-    for (; j0 + kBlock <= n; j0 += kBlock) {
+    for (; in_blocks && j0 + kBlock <= n; j0 += kBlock) {
       // gcc vectorises and unrolls this loop and keeps `block` in registers (no stack round trip).
       alignas(kVectorBytes) T block[kBlock];
 #pragma omp simd

@@ -128,14 +128,14 @@ inline void convert_from_opmath(const at::opmath_type<scalar_t>* __restrict__ sr
 // per element), and converting block by block cost a loop prologue and epilogue per short block (49-value
 // spans, 64-channel rows). With `streaming`, every output passes through the buffer and is written to y with
 // streaming stores (streaming_stores.h). Float and double outputs without streaming are stored directly, in blocks of
-// vectors where kInBlocks (blocked_stores.h).
-template <bool kInBlocks, typename scalar_t, typename F>
+// vectors where in_blocks (blocked_stores.h).
+template <typename scalar_t, typename F>
 inline void store_converted_blocks(scalar_t* __restrict__ y, int64_t blocks, int64_t len, const F& block_fn,
-                                   bool streaming = false) {
+                                   bool in_blocks, bool streaming) {
   using opmath_t = at::opmath_type<scalar_t>;
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
     if (!streaming) {
-      for (int64_t b = 0; b < blocks; ++b) store_elements<kInBlocks>(y + b * len, len, block_fn(b));
+      for (int64_t b = 0; b < blocks; ++b) store_elements(y + b * len, len, block_fn(b), in_blocks);
       return;
     }
   }

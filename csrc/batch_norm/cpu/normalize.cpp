@@ -40,11 +40,11 @@ void normalize_typed(const NormInputs& in, at::Tensor& output) {
         // or a functor per row measured up to 20 % slower.
         if constexpr (!Norm::kFusedMultiplyAdd) {
           if (!norm.streaming) {
-            for (int64_t r = r0; r < r1; ++r) norm.row(r * C, C, mean, scale, shift);
+            norm.rows(r0, r1, C, mean, scale, shift);
             return;
           }
         }
-        store_converted_blocks<Norm::kInBlocks>(
+        store_converted_blocks(
             norm.y + r0 * C, r1 - r0, C,
             [&](int64_t b) {
               const int64_t row = (r0 + b) * C;
@@ -56,7 +56,7 @@ void normalize_typed(const NormInputs& in, at::Tensor& output) {
                 }
               };
             },
-            norm.streaming);
+            norm.in_blocks, norm.streaming);
       });
 }
 
