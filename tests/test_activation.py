@@ -57,8 +57,8 @@ def call_with_output_just_above(op, shape, dtype, memory_format, gap=64, attempt
     """Runs op(t) on a random tensor t of `shape` placed so that op's output (its first result) lies `gap` bytes
     above t modulo 4 KiB, where the kernels store in blocks of vectors (csrc/batch_norm/cpu/blocked_stores.h).
     The output lands in one of the blocks that earlier outputs were freed from (the allocator hands them out again
-    in turn, a cycle of up to about ten in this test suite): each call guesses one of the last 16 at random. Returns (t, the results), or fails if
-    the placement was never reached."""
+    in turn; cycles of up to seven were seen in this test suite): each call guesses one of the last 16 at random.
+    Returns (t, the results), or fails if the placement was never reached."""
     n = math.prod(shape)
     element = torch.empty((), dtype=dtype).element_size()
     buffer = torch.empty(n + 4096 // element, dtype=dtype)

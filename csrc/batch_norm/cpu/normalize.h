@@ -41,14 +41,15 @@ struct Normalizer {
         y(output.mutable_data_ptr<scalar_t>()),
         slope(static_cast<opmath_t>(in.negative_slope)),
         streaming(streams_output(in.input.numel() * static_cast<int64_t>(sizeof(scalar_t)) * (kResidual ? 3 : 2))),
-        in_blocks(is_piecewise_polynomial(A) && (stores_alias_loads(x, y) || (kResidual && stores_alias_loads(z, y)))) {}
+        in_blocks(is_piecewise_polynomial(A) &&
+                  (stores_alias_loads(x, y) || (kResidual && stores_alias_loads(z, y)))) {}
 
   static constexpr bool kFusedMultiplyAdd = sizeof(scalar_t) == 2;
   opmath_t value(int64_t i, opmath_t mean, opmath_t scale, opmath_t shift) const {
     if constexpr (kFusedMultiplyAdd) {
       return value_fma(i, scale, fma_offset(mean, scale, shift));
     } else {
-      return finish(i, (to_opmath(x[i]) - mean) * scale + shift);
+      return finish(i, pre_activation(to_opmath(x[i]), mean, scale, shift));
     }
   }
 
@@ -56,6 +57,11 @@ struct Normalizer {
   static opmath_t fma_offset(opmath_t mean, opmath_t scale, opmath_t shift) { return shift - mean * scale; }
   opmath_t value_fma(int64_t i, opmath_t scale, opmath_t offset) const {
     return finish(i, std::fma(to_opmath(x[i]), scale, offset));
+  }
+
+  // The float and double form: (x − mean)·scale + shift.
+  static opmath_t pre_activation(opmath_t x, opmath_t mean, opmath_t scale, opmath_t shift) {
+    return (x - mean) * scale + shift;
   }
 
   opmath_t finish(int64_t i, opmath_t pre) const {
@@ -128,8 +134,8 @@ struct Normalizer {
       const scalar_t* __restrict__ xr = x + r * C;
       const scalar_t* __restrict__ zr = kResidual ? z + r * C : nullptr;
       const auto output = [xr, zr, s = slope, mean, scale, shift](int64_t c) {
-        const opmath_t pre = (to_opmath(xr[c]) - mean[c]) * scale[c] + shift[c];
-        return output_of(pre, kResidual ? to_opmath(zr[c]) : opmath_t(0), s);
+        return output_of(pre_activation(to_opmath(xr[c]), mean[c], scale[c], shift[c]),
+                         kResidual ? to_opmath(zr[c]) : opmath_t(0), s);
       };
       store_elements(y + r * C, C, output, in_blocks);
     }
