@@ -97,9 +97,8 @@ def test_outputs_stored_in_blocks_of_vectors_match_nn(act, dtype, memory_format)
 
     def expected(x, training):
         x64 = x.double().requires_grad_()
-        y = act_fn(F.batch_norm(x64, running_mean.double(), running_var.double(), weight.double(), bias.double(),
-                                training=False, eps=eps) if not training else
-                   F.batch_norm(x64, None, None, weight.double(), bias.double(), training=True, eps=eps))
+        statistics = (None, None) if training else (running_mean.double(), running_var.double())
+        y = act_fn(F.batch_norm(x64, *statistics, weight.double(), bias.double(), training=training, eps=eps))
         return x64, y
 
     for training in (True, False):
