@@ -14,6 +14,7 @@
 
 #include "blocked_stores.h"
 #include "channel_coefs.h"
+#include "prefetch.h"
 #include "work_items.h"
 
 namespace fusedbn::cpu {
@@ -39,10 +40,18 @@ struct MaskedGrad {
         z(kResidual ? in.residual.const_data_ptr<scalar_t>() : nullptr),
         slope(static_cast<opmath_t>(in.negative_slope)) {}
 
+  // Whether g depends on the residual (it does through the activation's derivative only).
+  static constexpr bool reads_residual() { return kResidual && A != Activation::Identity; }
+
+  // Prefetching of the rows of what g reads, for interleaved data of `rows` rows of C channels.
+  RowPrefetch row_prefetch(int64_t rows, int64_t C) const {
+    return RowPrefetch(rows, C, x, dy, reads_residual() ? z : nullptr);
+  }
+
   opmath_t xmu(int64_t i, opmath_t mean) const { return subtract_on_fma_unit(to_opmath(x[i]), mean); }
 
   opmath_t operator()(int64_t i, opmath_t xmu, opmath_t scale, opmath_t shift) const {
-    const opmath_t residual = kResidual && A != Activation::Identity ? to_opmath(z[i]) : opmath_t(0);
+    const opmath_t residual = reads_residual() ? to_opmath(z[i]) : opmath_t(0);
     return masked_grad<A, kResidual>(to_opmath(dy[i]), xmu, scale, shift, residual, slope);
   }
 };
@@ -167,10 +176,13 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
         const opmath_t* __restrict__ mean = k.mean.data();
         const opmath_t* __restrict__ scale = k.scale.data();
         const opmath_t* __restrict__ shift = k.shift.data();
-        const auto total = sums_by_strips<4, opmath_t>(l.channels, r0, r1, [=](int64_t i, int64_t c) {
-          const opmath_t xmu = grad.xmu(i, mean[c]);
-          return std::pair<opmath_t, opmath_t>(grad(i, xmu, scale[c], shift[c]), xmu);
-        });
+        const auto total = sums_by_strips<4, opmath_t>(
+            l.channels, r0, r1,
+            [=](int64_t i, int64_t c) {
+              const opmath_t xmu = grad.xmu(i, mean[c]);
+              return std::pair<opmath_t, opmath_t>(grad(i, xmu, scale[c], shift[c]), xmu);
+            },
+            grad.row_prefetch(l.outer, l.channels));
         for (int64_t c = 0; c < l.channels; ++c) out[c] = {total[c], total[l.channels + c]};
       },
       [](const SumPair& a, const SumPair& b) { return add(a, b); });

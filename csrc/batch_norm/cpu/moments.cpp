@@ -34,10 +34,13 @@ void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int
   const auto moments_around = [&] {
     // Σd and Σd², in strips of 8 vectors of each sum (24 registers with the shifts).
     const opmath_t* shift = shifts.data();
-    const auto total = sums_by_strips<8, opmath_t>(C, row_begin, row_end, [x, shift](int64_t i, int64_t c) {
-      const opmath_t d = subtract_on_fma_unit(to_opmath(x[i]), shift[c]);
-      return std::pair<opmath_t, opmath_t>(d, d);
-    });
+    const auto total = sums_by_strips<8, opmath_t>(
+        C, row_begin, row_end,
+        [x, shift](int64_t i, int64_t c) {
+          const opmath_t d = subtract_on_fma_unit(to_opmath(x[i]), shift[c]);
+          return std::pair<opmath_t, opmath_t>(d, d);
+        },
+        RowPrefetch(l.outer, C, x));
     int too_far = 0;
 #pragma omp simd reduction(| : too_far)
     for (int64_t c = 0; c < C; ++c) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "prefetch.h"
 
 namespace fusedbn::cpu {
 
@@ -34,10 +35,14 @@ inline T subtract_on_fma_unit(T a, T b) {
 // of a row, sums in L1), added into the double totals ([0, C) and [C, 2C)) every 64 rows: a sum in float spans at
 // most 64 rows. Summed in float over whole work items (8192 rows of (2, 8, 128, 128)), M2 was off by 1.3-2.2e-6
 // relative and the eval-mode weight gradient by 8-10e-7; with these flushes, by 4-8e-8 and 1.2-2.8e-7
-// (tests/test_stability.py).
+// (tests/test_stability.py). Rows are prefetched ahead where `prefetch` is active and a strip is narrower than a row.
 template <int64_t kWidth, bool kPartial, typename acc_t, typename F>
-void strip_sums(int64_t C, int64_t row_begin, int64_t row_end, int64_t c0, int64_t W, const F& f, double* total) {
+void strip_sums(int64_t C, int64_t row_begin, int64_t row_end, int64_t c0, int64_t W, const F& f,
+                const RowPrefetch& prefetch, double* total) {
   constexpr int64_t kRowsPerFlush = 64;
+  // A strip narrower than the row is a strided stream, which the hardware prefetcher leaves waiting where the
+  // data comes from L3 or memory; a strip of the whole row is one sequential stream, which it follows.
+  const bool prefetching = prefetch.active() && C > kWidth;
   acc_t s1[kWidth], s2[kWidth];
 #pragma omp simd
   for (int64_t c = 0; c < kWidth; ++c) {
@@ -48,6 +53,7 @@ void strip_sums(int64_t C, int64_t row_begin, int64_t row_end, int64_t c0, int64
     const int64_t flush_at = std::min(row_end, r + kRowsPerFlush);
     for (; r < flush_at; ++r) {
       const int64_t row = r * C + c0;
+      if (prefetching) prefetch(row, kPartial ? W : kWidth);
 #pragma omp simd
       for (int64_t c = 0; c < (kPartial ? W : kWidth); ++c) {
         const std::pair<acc_t, acc_t> v = f(row + c, c0 + c);
@@ -71,23 +77,24 @@ void strip_sums(int64_t C, int64_t row_begin, int64_t row_end, int64_t c0, int64
 // thread, a standalone copy of the loop: C = 256 with the data in L3 (6.4 MB) 103 µs against 149 for four rows at a
 // time added to per-channel sums in L1 (with software prefetching), from memory (128 MB) 12.5-13.4 against 14.5 ms,
 // C = 512 in L2 11-12 against 14 µs; the op, (32, 64, 56, 56), from memory, 0.76-0.78 against 1.04-1.48 ms.
-// Returns the totals, Σp at [0, C), Σp·q at [C, 2C).
+// f reads the streams of `prefetch`. Returns the totals, Σp at [0, C), Σp·q at [C, 2C).
 template <int64_t kVectors, typename acc_t, typename F>
-std::vector<double> sums_by_strips(int64_t C, int64_t row_begin, int64_t row_end, const F& f) {
+std::vector<double> sums_by_strips(int64_t C, int64_t row_begin, int64_t row_end, const F& f,
+                                   const RowPrefetch& prefetch) {
   constexpr int64_t kWide = kVectors * 64 / sizeof(acc_t);
   static_assert(kWide % 8 == 0);
   std::vector<double> total(2 * C, 0.0);
   int64_t c0 = 0;
   const auto strips = [&]<int64_t kWidth>() {
     for (; c0 + kWidth <= C; c0 += kWidth) {
-      strip_sums<kWidth, false, acc_t>(C, row_begin, row_end, c0, kWidth, f, total.data());
+      strip_sums<kWidth, false, acc_t>(C, row_begin, row_end, c0, kWidth, f, prefetch, total.data());
     }
   };
   strips.template operator()<kWide>();
   strips.template operator()<kWide / 2>();
   strips.template operator()<kWide / 4>();
   strips.template operator()<kWide / 8>();
-  if (c0 < C) strip_sums<kWide / 8, true, acc_t>(C, row_begin, row_end, c0, C - c0, f, total.data());
+  if (c0 < C) strip_sums<kWide / 8, true, acc_t>(C, row_begin, row_end, c0, C - c0, f, prefetch, total.data());
   return total;
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../kernel_args.h"
+#include "prefetch.h"
 
 namespace fusedbn::cpu {
 
@@ -101,7 +102,7 @@ inline int64_t grain_items(int64_t item_elems) {
 //    between two passes anyway (≥ 8 MB).
 // Results do not depend on it: both paths use the same items and merge order.
 inline bool channel_at_a_time(const Layout& l, int64_t element_bytes, int64_t tensors) {
-  constexpr int64_t kL2Bytes = 1024 * 1024, kPageBytes = 4096, kL3ResidentBytes = 8 * 1024 * 1024;
+  constexpr int64_t kPageBytes = 4096, kL3ResidentBytes = 8 * 1024 * 1024;
   constexpr int64_t kChannelsPerThread = 4;
   const int64_t channel_bytes = l.count_per_channel() * element_bytes * tensors;
   const int64_t data_bytes = channel_bytes * l.channels;
