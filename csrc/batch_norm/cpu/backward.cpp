@@ -43,9 +43,9 @@ struct MaskedGrad {
   // Whether g depends on the residual (it does through the activation's derivative only).
   static constexpr bool reads_residual() { return kResidual && A != Activation::Identity; }
 
-  // Prefetching of the rows of what g reads, for interleaved data of `rows` rows of C channels.
-  RowPrefetch row_prefetch(int64_t rows, int64_t C) const {
-    return RowPrefetch(rows, C, x, dy, reads_residual() ? z : nullptr);
+  // Prefetching of what g reads, seen as `rows` rows of `row_elems` values.
+  StreamPrefetch prefetch(int64_t rows, int64_t row_elems) const {
+    return StreamPrefetch(rows, row_elems, x, dy, reads_residual() ? z : nullptr);
   }
 
   opmath_t xmu(int64_t i, opmath_t mean) const { return subtract_on_fma_unit(to_opmath(x[i]), mean); }
@@ -56,10 +56,10 @@ struct MaskedGrad {
   }
 };
 
-// (Σg, Σg·(x − mean)) over the spans of one planar work item.
+// (Σg, Σg·(x − mean)) over the spans of one planar work item; next_offset as for sums_over_spans.
 template <typename scalar_t, Activation A, bool kResidual, typename opmath_t = at::opmath_type<scalar_t>>
 SumPair reduce_span_item(const MaskedGrad<scalar_t, A, kResidual>& grad, const Layout& l, const SpanItem& it,
-                         opmath_t mean, opmath_t scale, opmath_t shift) {
+                         opmath_t mean, opmath_t scale, opmath_t shift, int64_t next_offset = -1) {
   const auto [sum_dy, sum_dy_xmu] = sums_over_spans<opmath_t>(
       it.outer_begin, it.outer_end, it.inner_end - it.inner_begin,
       [l, it](int64_t o) { return span_offset(l, o, it.channel, it.inner_begin); },
@@ -67,7 +67,8 @@ SumPair reduce_span_item(const MaskedGrad<scalar_t, A, kResidual>& grad, const L
         const opmath_t xmu = grad.xmu(i, mean);
         const opmath_t g = grad(i, xmu, scale, shift);
         return std::pair<opmath_t, opmath_t>(g, g * xmu);
-      });
+      },
+      grad.prefetch(l.outer * l.channels, l.inner), next_offset);
   return {sum_dy, sum_dy_xmu};
 }
 
@@ -182,7 +183,7 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
               const opmath_t xmu = grad.xmu(i, mean[c]);
               return std::pair<opmath_t, opmath_t>(grad(i, xmu, scale[c], shift[c]), xmu);
             },
-            grad.row_prefetch(l.outer, l.channels));
+            grad.prefetch(l.outer, l.channels));
         for (int64_t c = 0; c < l.channels; ++c) out[c] = {total[c], total[l.channels + c]};
       },
       [](const SumPair& a, const SumPair& b) { return add(a, b); });
@@ -253,7 +254,8 @@ void backward_by_channel_typed(const NormInputs& in, const at::Tensor& grad_outp
     for (int64_t c = begin; c < end; ++c) {
       SumPair acc{0, 0};
       for (int64_t i = 0; i < items.per_channel; ++i) {
-        acc = add(acc, reduce_span_item(writer.grad, l, items.item(c, i), k.mean[c], k.scale[c], k.shift[c]));
+        acc = add(acc, reduce_span_item(writer.grad, l, items.item(c, i), k.mean[c], k.scale[c], k.shift[c],
+                                        items.next_item_offset(c, i)));
       }
       s1[c] = static_cast<stats_t>(acc.sum_dy);
       s2[c] = static_cast<stats_t>(acc.sum_dy_xmu);

@@ -40,7 +40,7 @@ void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int
           const opmath_t d = subtract_on_fma_unit(to_opmath(x[i]), shift[c]);
           return std::pair<opmath_t, opmath_t>(d, d);
         },
-        RowPrefetch(l.outer, C, x));
+        StreamPrefetch(l.outer, C, x));
     int too_far = 0;
 #pragma omp simd reduction(| : too_far)
     for (int64_t c = 0; c < C; ++c) {

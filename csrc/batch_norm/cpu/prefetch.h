@@ -1,14 +1,21 @@
-// Software prefetching for the reductions over channels_last rows.
+// Software prefetching for the reductions (batch statistics, backward sums), where the hardware prefetcher alone leaves
+// them waiting on loads from L3 or memory: it follows one sequential stream, not a stream with jumps.
 //
-// sums_by_strips reads a row C values wide a strip at a time, so each strip is a strided stream (256 bytes of every 1
-// KiB row at C = 256). Where the data comes from L3 or memory, the hardware prefetcher leaves such a loop waiting on
-// loads; asking for each strip's lines 16 KiB ahead, into L2, keeps enough misses in flight. (32, 256, 14, 14) float32,
-// 2 threads, with and without prefetching in one process: the backward reduction 716-837 µs against 1185-1464 with x
-// and dy flushed from the caches before each call, 340-418 against 501-710 without flushing; the training forward
-// (statistics, then normalisation) 1023-1110 against 1291-1419 flushed; in bench_cpu's rounds the BN+ReLU step of the
-// channels_last case 1.54-1.65x nn against 1.35-1.36x. Into L1 (T0), every other line, or 2-12 KiB ahead measured
-// slower. The elementwise passes do not prefetch: their backward 0-10 % faster flushed and up to 9 % slower unflushed,
-// the eval no faster flushed and up to 10 % slower unflushed.
+// - channels_last rows, read a strip of channels at a time (sums_by_strips): each strip is a strided stream (256 bytes
+//   of every 1 KiB row at C = 256). Each strip's lines are asked for 16 KiB ahead, into L2. (32, 256, 14, 14) float32, 2
+//   threads, with and without in one process: the backward reduction 716-837 µs against 1185-1464 with x and dy flushed
+//   from the caches before each call, 340-418 against 501-710 unflushed; the training forward 1023-1110 against
+//   1291-1419 flushed; in bench_cpu's rounds (separate processes) the BN+ReLU step 1.54-1.65x nn against 1.35-1.36x.
+//   Into L1 (T0), every other line, or 2-12 KiB ahead measured slower.
+// - NCHW spans, C·inner values apart (sums_over_spans): the next four short spans while four are added, or the next
+//   long span, position by position, in a channel-at-a-time pass. (32, 256, 14, 14): the backward reduction 697-710 µs
+//   against 780-821 flushed, the BN+ReLU step in bench_cpu's rounds 1425-1816 against 1566-2001 µs (one process).
+//   (32, 64, 56, 56), channel at a time: the training forward 1986-2140 against 2342-2533 µs, the backward 4051-4095
+//   against 4356-4516; the step 3.00-3.21x nn against 2.54-2.62x in bench_cpu's rounds. Where the next span of a
+//   channel is read much later (a reduction in memory order), prefetching it made the reduction 25 % slower.
+//
+// The elementwise passes do not prefetch: their backward 0-10 % faster flushed and up to 9 % slower unflushed, the eval
+// no faster flushed and up to 10 % slower unflushed (channels_last (32, 256, 14, 14)).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -35,28 +42,31 @@ inline void prefetch_to_l2(uintptr_t p) {
 #endif
 }
 
-// Prefetches, for up to three input streams of equal layout (x; dy; the residual), the elements a whole number of
-// rows ahead of a given element; inactive (prefetches nothing) where the streams' data fits in the L2 caches of the
-// threads reading it, which holds it from one pass to the next: (8, 512, 7, 7) float32 (0.8 MB per tensor), the
-// reduction took 38 µs without prefetching against 44 with it, and the BN+ReLU step 243-310 against 277-325 in
-// bench_cpu's rounds. Null streams are skipped.
-class RowPrefetch {
+// Prefetching of up to three input streams of equal layout (x; dy; the residual), seen as rows (or spans) of a
+// given length; inactive (prefetches nothing) where the streams' data fits in the L2 caches of the threads reading
+// it, which holds it from one pass to the next: (8, 512, 7, 7) float32 channels_last (0.8 MB per tensor), the
+// backward reduction took 38 µs without prefetching against 44 with it, and the BN+ReLU step 243-310 against
+// 277-325 in bench_cpu's rounds. Null streams are skipped.
+class StreamPrefetch {
  public:
   template <typename T>
-  RowPrefetch(int64_t rows, int64_t row_elems, const T* a, const T* b = nullptr, const T* c = nullptr)
+  StreamPrefetch(int64_t rows, int64_t row_elems, const T* a, const T* b = nullptr, const T* c = nullptr)
       : streams_{reinterpret_cast<uintptr_t>(a), reinterpret_cast<uintptr_t>(b), reinterpret_cast<uintptr_t>(c)},
         element_bytes_(sizeof(T)) {
     const int64_t row_bytes = std::max<int64_t>(1, row_elems * element_bytes_);
-    ahead_ = (kPrefetchAheadBytes + row_bytes - 1) / row_bytes * row_elems;
+    rows_ahead_ = (kPrefetchAheadBytes + row_bytes - 1) / row_bytes * row_elems;
     const int64_t count = (a != nullptr) + (b != nullptr) + (c != nullptr);
     active_ = rows * row_bytes * count > kL2Bytes * at::get_num_threads();
   }
 
   bool active() const { return active_; }
 
-  // The lines of elements [i, i + n) + ahead of every stream, into L2.
-  void operator()(int64_t i, int64_t n) const {
-    const uintptr_t offset = static_cast<uintptr_t>((i + ahead_) * element_bytes_);
+  // The elements in the whole rows that span at least kPrefetchAheadBytes.
+  int64_t rows_ahead() const { return rows_ahead_; }
+
+  // The lines of elements [i, i + n) of every stream, into L2.
+  void lines(int64_t i, int64_t n) const {
+    const uintptr_t offset = static_cast<uintptr_t>(i * element_bytes_);
     const uintptr_t bytes = static_cast<uintptr_t>(n * element_bytes_);
     for (const uintptr_t s : streams_) {
       if (s == 0) continue;
@@ -67,7 +77,7 @@ class RowPrefetch {
  private:
   std::array<uintptr_t, 3> streams_;
   int64_t element_bytes_;
-  int64_t ahead_;  // elements
+  int64_t rows_ahead_;
   bool active_;
 };
 

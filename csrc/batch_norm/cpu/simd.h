@@ -35,10 +35,11 @@ inline T subtract_on_fma_unit(T a, T b) {
 // of a row, sums in L1), added into the double totals ([0, C) and [C, 2C)) every 64 rows: a sum in float spans at
 // most 64 rows. Summed in float over whole work items (8192 rows of (2, 8, 128, 128)), M2 was off by 1.3-2.2e-6
 // relative and the eval-mode weight gradient by 8-10e-7; with these flushes, by 4-8e-8 and 1.2-2.8e-7
-// (tests/test_stability.py). Rows are prefetched ahead where `prefetch` is active and a strip is narrower than a row.
+// (tests/test_stability.py). Rows are prefetched ahead where `prefetch` is active and a strip is narrower than a row
+// (prefetch.h).
 template <int64_t kWidth, bool kPartial, typename acc_t, typename F>
 void strip_sums(int64_t C, int64_t row_begin, int64_t row_end, int64_t c0, int64_t W, const F& f,
-                const RowPrefetch& prefetch, double* total) {
+                const StreamPrefetch& prefetch, double* total) {
   constexpr int64_t kRowsPerFlush = 64;
   // A strip narrower than the row is a strided stream, which the hardware prefetcher leaves waiting where the
   // data comes from L3 or memory; a strip of the whole row is one sequential stream, which it follows.
@@ -53,7 +54,7 @@ void strip_sums(int64_t C, int64_t row_begin, int64_t row_end, int64_t c0, int64
     const int64_t flush_at = std::min(row_end, r + kRowsPerFlush);
     for (; r < flush_at; ++r) {
       const int64_t row = r * C + c0;
-      if (prefetching) prefetch(row, kPartial ? W : kWidth);
+      if (prefetching) prefetch.lines(row + prefetch.rows_ahead(), kPartial ? W : kWidth);
 #pragma omp simd
       for (int64_t c = 0; c < (kPartial ? W : kWidth); ++c) {
         const std::pair<acc_t, acc_t> v = f(row + c, c0 + c);
@@ -80,7 +81,7 @@ void strip_sums(int64_t C, int64_t row_begin, int64_t row_end, int64_t c0, int64
 // f reads the streams of `prefetch`. Returns the totals, Σp at [0, C), Σp·q at [C, 2C).
 template <int64_t kVectors, typename acc_t, typename F>
 std::vector<double> sums_by_strips(int64_t C, int64_t row_begin, int64_t row_end, const F& f,
-                                   const RowPrefetch& prefetch) {
+                                   const StreamPrefetch& prefetch) {
   constexpr int64_t kWide = kVectors * 64 / sizeof(acc_t);
   static_assert(kWide % 8 == 0);
   std::vector<double> total(2 * C, 0.0);
@@ -122,8 +123,14 @@ constexpr int64_t kLanes = 64;
 //    whichever way it is added: one plain reduction.
 // The order of the additions depends only on the shape. f is taken by value: through a reference gcc reloaded
 // its captured pointer in every iteration and vectorised the loads as gathers.
+//
+// Where `prefetch` is active, the spans read next, which lie C·inner values away, are prefetched: the next four
+// short spans while four are added; the next long span position by position, the last span's successor being
+// `next_offset` (the offset of the span read after this call, in a channel-at-a-time pass; −1: none, or it follows
+// in memory, where the hardware prefetcher finds it).
 template <typename acc_t, typename Offset, typename F>
-std::pair<double, double> sums_over_spans(int64_t o0, int64_t o1, int64_t len, const Offset& offset, F f) {
+std::pair<double, double> sums_over_spans(int64_t o0, int64_t o1, int64_t len, const Offset& offset, F f,
+                                          const StreamPrefetch& prefetch, int64_t next_offset) {
   using Sums = std::pair<acc_t, acc_t>;
   const auto sum4 = [f](int64_t r0, int64_t r1, int64_t r2, int64_t r3, int64_t j) {
     const Sums v0 = f(r0 + j), v1 = f(r1 + j), v2 = f(r2 + j), v3 = f(r3 + j);
@@ -146,7 +153,10 @@ std::pair<double, double> sums_over_spans(int64_t o0, int64_t o1, int64_t len, c
       const int64_t b = offset(o);
       alignas(64) acc_t lane1[kLanes] = {}, lane2[kLanes] = {};
       int64_t j = 0;
+      const int64_t next = o + 1 < o1 ? offset(o + 1) : next_offset;
+      const bool prefetching = prefetch.active() && next >= 0;
       for (; j + kLanes <= len; j += kLanes) {
+        if (prefetching) prefetch.lines(next + j, kLanes);
 #pragma omp simd
         for (int64_t k = 0; k < kLanes; ++k) {
           const Sums v = f(b + j + k);
@@ -178,6 +188,9 @@ std::pair<double, double> sums_over_spans(int64_t o0, int64_t o1, int64_t len, c
     int64_t o = o0;
     for (; o + 4 <= o1; o += 4) {
       const int64_t b0 = offset(o), b1 = offset(o + 1), b2 = offset(o + 2), b3 = offset(o + 3);
+      if (prefetch.active()) {
+        for (int64_t k = o + 4; k < std::min(o1, o + 8); ++k) prefetch.lines(offset(k), len);
+      }
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
         const Sums v = sum4(b0, b1, b2, b3, j);

@@ -77,6 +77,19 @@ struct PlanarItems {
   }
 
   int64_t item_elems() const { return pieces_per_span > 1 ? piece_len : spans_per_item * layout.inner; }
+
+  // In a channel-at-a-time pass, the offset of the first value of the item read after item k of channel c (item
+  // k + 1, or the next channel's first), for the reductions to prefetch; −1 where there is none or where it
+  // follows item k in memory (the next piece of a span).
+  int64_t next_item_offset(int64_t channel, int64_t k) const {
+    const SpanItem it = item(channel, k);
+    const bool last = k + 1 == per_channel;
+    if (last && channel + 1 == layout.channels) return -1;
+    const SpanItem next = last ? item(channel + 1, 0) : item(channel, k + 1);
+    const int64_t begin = span_offset(layout, next.outer_begin, next.channel, next.inner_begin);
+    const int64_t end = span_offset(layout, it.outer_end - 1, it.channel, it.inner_end);
+    return begin == end ? -1 : begin;
+  }
 };
 
 // Interleaved layouts (inner == 1): an item is a block of rows holding every channel, at most kRowItemElems
