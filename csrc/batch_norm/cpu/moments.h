@@ -49,8 +49,9 @@ Stats span_item_moments(const scalar_t* x, const Layout& l, const SpanItem& it, 
       const opmath_t d = subtract_on_fma_unit(to_opmath(x[i]), shift);
       return std::pair<opmath_t, opmath_t>(d, d * d);
     };
-    const auto [sum_d, sum_d2] = sums_over_spans<opmath_t>(it.outer_begin, it.outer_end, len, offset, deviations,
-                                                           StreamPrefetch(l.outer * l.channels, l.inner, x), next_offset);
+    const StreamPrefetch prefetch(l.outer * l.channels, l.inner, x);
+    const auto [sum_d, sum_d2] =
+        sums_over_spans<opmath_t>(it.outer_begin, it.outer_end, len, offset, deviations, prefetch, next_offset);
     return std::pair(moments_from_deviations(n, static_cast<double>(shift), sum_d, sum_d2), sum_d2);
   };
   const auto [first, sum_d2] = around(to_opmath(x[offset(it.outer_begin)]));
