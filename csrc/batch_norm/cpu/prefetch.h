@@ -4,14 +4,14 @@
 // - channels_last rows, read a strip of channels at a time (sums_by_strips): each strip is a strided stream (256
 //   bytes of every 1 KiB row at C = 256). Each strip's lines are asked for 16 KiB ahead, into L2. (32, 256, 14, 14)
 //   float32, 2 threads, with and without in one process: the backward reduction 716-837 µs against 1185-1464 with x
-//   and dy flushed from the caches before each call, 340-418 against 501-710 unflushed; the training forward
+//   and dy flushed from the caches before each call, 320-427 against 501-710 unflushed; the training forward
 //   1023-1110 against 1291-1419 flushed; in bench_cpu's rounds (separate processes) the BN+ReLU step 1.54-1.65x nn
 //   against 1.35-1.36x. Into L1 (T0), every other line, or 2-12 KiB ahead measured slower.
 // - NCHW spans, C·inner values apart (sums_over_spans): the next four short spans while four are added, or the next
 //   long span, position by position, in a channel-at-a-time pass. (32, 256, 14, 14): the backward reduction 697-710
 //   µs against 780-821 flushed, the BN+ReLU step in bench_cpu's rounds 1425-1816 against 1566-2001 µs (one process).
-//   (32, 64, 56, 56), channel at a time: the training forward 1986-2140 against 2342-2533 µs, the backward 4051-4095
-//   against 4356-4516; the step 3.00-3.21x nn against 2.54-2.62x in bench_cpu's rounds. Where the next span of a
+//   (32, 64, 56, 56), channel at a time, flushed or not: the training forward 1986-2140 against 2342-2533 µs, the
+//   backward 4051-4095 against 4356-4516; the step 3.00-3.21x nn against 2.54-2.62x in bench_cpu's rounds. Where the next span of a
 //   channel is read much later (a reduction in memory order), prefetching it made the reduction 25 % slower.
 //
 // The elementwise passes do not prefetch: their backward 0-10 % faster flushed and up to 9 % slower unflushed, the
