@@ -43,10 +43,8 @@ struct MaskedGrad {
   // Whether g depends on the residual (it does through the activation's derivative only).
   static constexpr bool reads_residual() { return kResidual && A != Activation::Identity; }
 
-  // Prefetching of what g reads, seen as `rows` rows of `row_elems` values.
-  StreamPrefetch prefetch(int64_t rows, int64_t row_elems) const {
-    return StreamPrefetch(rows, row_elems, x, dy, reads_residual() ? z : nullptr);
-  }
+  // Prefetching of what g reads, in layout l.
+  StreamPrefetch prefetch(const Layout& l) const { return StreamPrefetch(l, x, dy, reads_residual() ? z : nullptr); }
 
   opmath_t xmu(int64_t i, opmath_t mean) const { return subtract_on_fma_unit(to_opmath(x[i]), mean); }
 
@@ -56,10 +54,12 @@ struct MaskedGrad {
   }
 };
 
-// (Σg, Σg·(x − mean)) over the spans of one planar work item; next_offset as for sums_over_spans.
+// (Σg, Σg·(x − mean)) over the spans of one planar work item; prefetch (grad.prefetch(l)) and next_offset as for
+// sums_over_spans.
 template <typename scalar_t, Activation A, bool kResidual, typename opmath_t = at::opmath_type<scalar_t>>
 SumPair reduce_span_item(const MaskedGrad<scalar_t, A, kResidual>& grad, const Layout& l, const SpanItem& it,
-                         opmath_t mean, opmath_t scale, opmath_t shift, int64_t next_offset = -1) {
+                         opmath_t mean, opmath_t scale, opmath_t shift, const StreamPrefetch& prefetch,
+                         int64_t next_offset = -1) {
   const auto [sum_dy, sum_dy_xmu] = sums_over_spans<opmath_t>(
       it.outer_begin, it.outer_end, it.inner_end - it.inner_begin,
       [l, it](int64_t o) { return span_offset(l, o, it.channel, it.inner_begin); },
@@ -68,7 +68,7 @@ SumPair reduce_span_item(const MaskedGrad<scalar_t, A, kResidual>& grad, const L
         const opmath_t g = grad(i, xmu, scale, shift);
         return std::pair<opmath_t, opmath_t>(g, g * xmu);
       },
-      grad.prefetch(l.outer * l.channels, l.inner), next_offset);
+      prefetch, next_offset);
   return {sum_dy, sum_dy_xmu};
 }
 
@@ -166,10 +166,11 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
   const Layout l = in.layout;
   const NormCoefs<opmath_t> k(in);
   const MaskedGrad<scalar_t, A, kResidual> grad(in, grad_output);
+  const StreamPrefetch prefetch = grad.prefetch(l);
   const auto result = reduce_per_channel<SumPair>(
       l, SumPair{0, 0},
       [&](const SpanItem& it) {
-        return reduce_span_item(grad, l, it, k.mean[it.channel], k.scale[it.channel], k.shift[it.channel]);
+        return reduce_span_item(grad, l, it, k.mean[it.channel], k.scale[it.channel], k.shift[it.channel], prefetch);
       },
       // Rows in strips of channels (sums_by_strips): 4 vectors of each sum, with the mean, scale and shift of each
       // channel 20 registers.
@@ -183,7 +184,7 @@ void backward_reduce_typed(const NormInputs& in, const at::Tensor& grad_output, 
               const opmath_t xmu = grad.xmu(i, mean[c]);
               return std::pair<opmath_t, opmath_t>(grad(i, xmu, scale[c], shift[c]), xmu);
             },
-            grad.prefetch(l.outer, l.channels));
+            prefetch);
         for (int64_t c = 0; c < l.channels; ++c) out[c] = {total[c], total[l.channels + c]};
       },
       [](const SumPair& a, const SumPair& b) { return add(a, b); });
@@ -248,13 +249,14 @@ void backward_by_channel_typed(const NormInputs& in, const at::Tensor& grad_outp
   const auto invstd = channel_vector<double>(in.invstd, l.channels, 0.0);
   const auto weight = channel_vector<double>(in.weight, l.channels, 1.0);
   const GradWriter<scalar_t, A, kResidual> writer(in, grad_output, grad_input, grad_residual);
+  const StreamPrefetch prefetch = writer.grad.prefetch(l);
   stats_t* s1 = sums.sum_dy.mutable_data_ptr<stats_t>();
   stats_t* s2 = sums.sum_dy_xmu.mutable_data_ptr<stats_t>();
   at::parallel_for(0, l.channels, channel_grain(l), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       SumPair acc{0, 0};
       for (int64_t i = 0; i < items.per_channel; ++i) {
-        acc = add(acc, reduce_span_item(writer.grad, l, items.item(c, i), k.mean[c], k.scale[c], k.shift[c],
+        acc = add(acc, reduce_span_item(writer.grad, l, items.item(c, i), k.mean[c], k.scale[c], k.shift[c], prefetch,
                                         items.next_item_offset(c, i)));
       }
       s1[c] = static_cast<stats_t>(acc.sum_dy);

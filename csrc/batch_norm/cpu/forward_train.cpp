@@ -31,11 +31,12 @@ void forward_train_typed(const NormInputs& in, const at::Tensor& prior_mean, con
   stats_t* mean = in.mean.mutable_data_ptr<stats_t>();
   stats_t* invstd = in.invstd.mutable_data_ptr<stats_t>();
   const double count = static_cast<double>(l.count_per_channel());
+  const StreamPrefetch prefetch(l, x);
   at::parallel_for(0, C, channel_grain(l), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       Moments<double> s{0, 0, 0};
       for (int64_t k = 0; k < items.per_channel; ++k) {
-        s = chan_merge(s, span_item_moments(x, l, items.item(c, k), items.next_item_offset(c, k)));
+        s = chan_merge(s, span_item_moments(x, l, items.item(c, k), prefetch, items.next_item_offset(c, k)));
       }
       bm[c] = static_cast<stats_t>(s.mean);
       bm2[c] = static_cast<stats_t>(s.m2);

@@ -25,7 +25,8 @@ namespace {
 // (sums_by_strips). The block is reduced again around the means so found where a shift was too far from its
 // channel's mean (see span_item_moments).
 template <typename scalar_t>
-void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int64_t row_end, Stats* out) {
+void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int64_t row_end,
+                      const StreamPrefetch& prefetch, Stats* out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = l.channels;
   const double n = static_cast<double>(row_end - row_begin);
@@ -40,7 +41,7 @@ void row_item_moments(const scalar_t* x, const Layout& l, int64_t row_begin, int
           const opmath_t d = subtract_on_fma_unit(to_opmath(x[i]), shift[c]);
           return std::pair<opmath_t, opmath_t>(d, d);
         },
-        StreamPrefetch(l.outer, C, x));
+        prefetch);
     int too_far = 0;
 #pragma omp simd reduction(| : too_far)
     for (int64_t c = 0; c < C; ++c) {
@@ -61,10 +62,11 @@ void batch_moments(const at::Tensor& input, Layout layout, at::Tensor& mean, at:
   std::vector<Stats> stats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedbn_batch_moments", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const StreamPrefetch prefetch(layout, x);
     stats = reduce_per_channel<Stats>(
         layout, Stats{0, 0, 0},
-        [&](const SpanItem& it) { return span_item_moments(x, layout, it); },
-        [&](int64_t r0, int64_t r1, Stats* out) { row_item_moments(x, layout, r0, r1, out); },
+        [&](const SpanItem& it) { return span_item_moments(x, layout, it, prefetch); },
+        [&](int64_t r0, int64_t r1, Stats* out) { row_item_moments(x, layout, r0, r1, prefetch, out); },
         [](const Stats& a, const Stats& b) { return chan_merge(a, b); });
   });
   std::vector<double> means(layout.channels), m2s(layout.channels);

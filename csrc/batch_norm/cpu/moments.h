@@ -36,10 +36,11 @@ inline bool shift_too_far(double sum_d2, double m2) {
 
 // One pass over a planar item with the item's first value as the shift: a sample of the data, so usually within
 // a few standard deviations of the mean. Where it was not (an outlier first), a second pass around the mean
-// found by the first (L1-resident by then) gives the accuracy of a two-pass reduction. next_offset as for
-// sums_over_spans.
+// found by the first (L1-resident by then) gives the accuracy of a two-pass reduction. prefetch (of x) and
+// next_offset as for sums_over_spans.
 template <typename scalar_t>
-Stats span_item_moments(const scalar_t* x, const Layout& l, const SpanItem& it, int64_t next_offset = -1) {
+Stats span_item_moments(const scalar_t* x, const Layout& l, const SpanItem& it, const StreamPrefetch& prefetch,
+                        int64_t next_offset = -1) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t len = it.inner_end - it.inner_begin;
   const auto offset = [l, it](int64_t o) { return span_offset(l, o, it.channel, it.inner_begin); };
@@ -49,7 +50,6 @@ Stats span_item_moments(const scalar_t* x, const Layout& l, const SpanItem& it, 
       const opmath_t d = subtract_on_fma_unit(to_opmath(x[i]), shift);
       return std::pair<opmath_t, opmath_t>(d, d * d);
     };
-    const StreamPrefetch prefetch(l.outer * l.channels, l.inner, x);
     const auto [sum_d, sum_d2] =
         sums_over_spans<opmath_t>(it.outer_begin, it.outer_end, len, offset, deviations, prefetch, next_offset);
     return std::pair(moments_from_deviations(n, static_cast<double>(shift), sum_d, sum_d2), sum_d2);

@@ -11,8 +11,9 @@
 //   long span, position by position, in a channel-at-a-time pass. (32, 256, 14, 14): the backward reduction 697-710
 //   µs against 780-821 flushed, the BN+ReLU step in bench_cpu's rounds 1425-1816 against 1566-2001 µs (one process).
 //   (32, 64, 56, 56), channel at a time, flushed or not: the training forward 1986-2140 against 2342-2533 µs, the
-//   backward 4051-4095 against 4356-4516; the step 3.00-3.21x nn against 2.54-2.62x in bench_cpu's rounds. Where the next span of a
-//   channel is read much later (a reduction in memory order), prefetching it made the reduction 25 % slower.
+//   backward 4051-4095 against 4356-4516; the step 3.00-3.21x nn against 2.54-2.62x in bench_cpu's rounds. Where
+//   the next span of a channel is read much later (a reduction in memory order), prefetching it made the reduction
+//   25 % slower.
 //
 // The elementwise passes do not prefetch: their backward 0-10 % faster flushed and up to 9 % slower unflushed, the
 // eval no faster flushed and up to 10 % slower unflushed (channels_last (32, 256, 14, 14)).
@@ -23,6 +24,8 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+
+#include "../kernel_args.h"
 
 namespace fusedbn::cpu {
 
@@ -42,17 +45,19 @@ inline void prefetch_to_l2(uintptr_t p) {
 #endif
 }
 
-// Prefetching of up to three input streams of equal layout (x; dy; the residual), seen as rows (or spans) of a
-// given length; inactive (prefetches nothing) where the streams' data fits in the L2 caches of the threads reading
-// it, which holds it from one pass to the next: (8, 512, 7, 7) float32 channels_last (0.8 MB per tensor), the
-// backward reduction took 38 µs without prefetching against 44 with it, and the BN+ReLU step 243-310 against
-// 277-325 in bench_cpu's rounds. Null streams are skipped.
+// Prefetching of up to three input streams of one dense layout (x; dy; the residual), seen as rows: the interleaved
+// rows of C values of channels_last data, or the spans of inner values of planar data. Inactive (prefetches nothing)
+// where the streams' data fits in the L2 caches of the threads reading it, which holds it from one pass to the next:
+// (8, 512, 7, 7) float32 channels_last (0.8 MB per tensor), the backward reduction took 38 µs without prefetching
+// against 44 with it, and the BN+ReLU step 243-310 against 277-325 in bench_cpu's rounds. Null streams are skipped.
 class StreamPrefetch {
  public:
   template <typename T>
-  StreamPrefetch(int64_t rows, int64_t row_elems, const T* a, const T* b = nullptr, const T* c = nullptr)
+  StreamPrefetch(const Layout& l, const T* a, const T* b = nullptr, const T* c = nullptr)
       : streams_{reinterpret_cast<uintptr_t>(a), reinterpret_cast<uintptr_t>(b), reinterpret_cast<uintptr_t>(c)},
         element_bytes_(sizeof(T)) {
+    const int64_t row_elems = l.inner > 1 ? l.inner : l.channels;
+    const int64_t rows = l.numel() / std::max<int64_t>(1, row_elems);
     const int64_t row_bytes = std::max<int64_t>(1, row_elems * element_bytes_);
     rows_ahead_ = (kPrefetchAheadBytes + row_bytes - 1) / row_bytes * row_elems;
     const int64_t count = (a != nullptr) + (b != nullptr) + (c != nullptr);
