@@ -57,11 +57,10 @@ class StreamPrefetch {
       : streams_{reinterpret_cast<uintptr_t>(a), reinterpret_cast<uintptr_t>(b), reinterpret_cast<uintptr_t>(c)},
         element_bytes_(sizeof(T)) {
     const int64_t row_elems = l.inner > 1 ? l.inner : l.channels;
-    const int64_t rows = l.numel() / std::max<int64_t>(1, row_elems);
     const int64_t row_bytes = std::max<int64_t>(1, row_elems * element_bytes_);
     rows_ahead_ = (kPrefetchAheadBytes + row_bytes - 1) / row_bytes * row_elems;
     const int64_t count = (a != nullptr) + (b != nullptr) + (c != nullptr);
-    active_ = rows * row_bytes * count > kL2Bytes * at::get_num_threads();
+    active_ = l.numel() * element_bytes_ * count > kL2Bytes * at::get_num_threads();
   }
 
   bool active() const { return active_; }
