@@ -165,10 +165,11 @@ def test_half_precision_output_for_every_span_length(dtype, memory_format, chann
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("channels", [5, 21])
-@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5), (1, 17), (7, 7), (2, 300)], ids=str)
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5), (1, 17), (7, 7), (2, 300), (163, 191)], ids=str)
 def test_half_precision_input_gradient_for_every_span_length(dtype, memory_format, channels, hw):
     # The backward writes 16-bit dx from several loops (spans, runs of short spans, channels_last rows, the
-    # channel-at-a-time pass), each with its vector body and scalar tail. With constant statistics (eval), mean 0,
+    # channel-at-a-time pass: NCHW, 21 channels of 163 x 191, x and dy 18 MB), each with its vector body and scalar
+    # tail. With constant statistics (eval), mean 0,
     # var + eps = 1 and no bias, dx = dy·[x·weight > 0]·weight, rounded once; -0 and +0 compare equal.
     x = random_input((7, channels) + hw, dtype, memory_format)
     dy = torch.randn(x.shape).to(dtype).contiguous(memory_format=memory_format)

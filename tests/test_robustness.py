@@ -125,34 +125,48 @@ def test_indexing_beyond_2_pow_31_elements():
     torch.testing.assert_close(bn.running_var, torch.full((2,), 4.0 * n / (n - 1)), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(32, 24, 56, 56), (4, 3, 5, 7), (2, 5, 200, 300)], ids=str)
-def test_channel_at_a_time_forward_equals_the_separate_kernels(shape):
-    # forward_train keeps the channels of large NCHW tensors in cache (one pass over x); its statistics must be
-    # bitwise those of the separate batch_stats kernel, which the other shapes and channels_last use.
-    x = random_input(shape, torch.float32, requires_grad=False)
-    w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
-    _, mean, invstd, batch_mean, batch_m2, _ = torch.ops.fusedbn.forward_train(x, w, b, None, None, None, 0.0, 1e-5,
-                                                                            "relu", 0.0)
-    separate_mean, separate_m2 = torch.ops.fusedbn.batch_stats(x)
+# NCHW tensors whose data is at least 16 MB and whose channel (x, or x and dy) fits in L2 run forward and backward
+# one channel at a time (csrc/batch_norm/cpu/work_items.h, channel_at_a_time); every value must be bitwise the
+# separate kernels', which the other shapes and channels_last use. Activations, a residual and dtypes vary.
+BY_CHANNEL_CASES = [("relu", False, torch.float32), ("silu", True, torch.float32),
+                    ("leaky_relu", True, torch.bfloat16), ("identity", True, torch.float64)]
+
+
+def parameters(c, dtype):
+    """Weight and bias in the dtype the ops take for this input dtype."""
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.rand(c, dtype=param_dtype) + 0.5, torch.randn(c, dtype=param_dtype)
+
+
+@pytest.mark.parametrize("act, with_residual, dtype", BY_CHANNEL_CASES, ids=str)
+def test_channel_at_a_time_forward_equals_the_separate_kernels(act, with_residual, dtype):
+    ops = torch.ops.fusedbn
+    shape = (32, 48, 56, 56) if dtype != torch.bfloat16 else (64, 48, 56, 56)  # 19-39 MB, 0.4-0.8 MB per channel
+    x = random_input(shape, dtype, requires_grad=False)
+    z = random_input(shape, dtype, requires_grad=False) if with_residual else None
+    w, b = parameters(shape[1], dtype)
+    y, mean, invstd, batch_mean, batch_m2, _ = ops.forward_train(x, w, b, z, None, None, 0.0, 1e-5, act, 0.1)
+    separate_mean, separate_m2 = ops.batch_stats(x)
     assert torch.equal(batch_mean, separate_mean) and torch.equal(batch_m2, separate_m2)
     assert torch.equal(mean, batch_mean)
+    assert torch.equal(y, ops.renormalize(x, w, b, z, mean, invstd, act, 0.1))
 
 
-@pytest.mark.parametrize("act", ["identity", "relu"])
-def test_channel_at_a_time_backward_equals_the_separate_kernels(act):
-    # backward keeps x and dy of one channel in cache for large NCHW tensors; sums and dx must be bitwise those
-    # of backward_reduce + backward_elemt.
+@pytest.mark.parametrize("act, with_residual, dtype", BY_CHANNEL_CASES, ids=str)
+def test_channel_at_a_time_backward_equals_the_separate_kernels(act, with_residual, dtype):
     ops = torch.ops.fusedbn
-    x = random_input((32, 48, 32, 56), torch.float32, requires_grad=False)  # 11 MB, 229 KB per channel
+    shape = (32, 48, 32, 56) if dtype != torch.bfloat16 else (64, 48, 32, 64)  # x and dy 22-44 MB, spans >= 4 KiB
+    x = random_input(shape, dtype, requires_grad=False)
+    z = random_input(shape, dtype, requires_grad=False) if with_residual else None
     dy = torch.randn_like(x)
-    w, b = torch.rand(48) + 0.5, torch.randn(48)
-    _, mean, invstd, _, _, _ = ops.forward_train(x, w, b, None, None, None, 0.0, 1e-5, act, 0.0)
-    count = float(32 * 32 * 56)
-    dx, _, dw, db = ops.backward(dy, x, None, mean, invstd, w, b, count, act, 0.0)
-    s1, s2, dw_reduced = ops.backward_reduce(dy, x, None, mean, invstd, w, b, act, 0.0)
-    dx_separate, _ = ops.backward_elemt(dy, x, None, mean, invstd, w, b, s1, s2, count, act, 0.0)
-    assert torch.equal(db, s1) and torch.equal(dw, s2 * invstd) and torch.equal(dw, dw_reduced)
-    assert torch.equal(dx, dx_separate)
+    w, b = parameters(48, dtype)
+    _, mean, invstd, _, _, _ = ops.forward_train(x, w, b, z, None, None, 0.0, 1e-5, act, 0.1)
+    count = float(shape[0] * shape[2] * shape[3])
+    dx, dz, dw, db = ops.backward(dy, x, z, mean, invstd, w, b, count, act, 0.1)
+    s1, s2, dw_reduced = ops.backward_reduce(dy, x, z, mean, invstd, w, b, act, 0.1)
+    dx_separate, dz_separate = ops.backward_elemt(dy, x, z, mean, invstd, w, b, s1, s2, count, act, 0.1)
+    assert torch.equal(db, s1) and torch.equal(dw, dw_reduced)
+    assert torch.equal(dx, dx_separate) and torch.equal(dz, dz_separate)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])

@@ -108,20 +108,20 @@ inline int64_t grain_items(int64_t item_elems) {
 // Whether to run a pass one channel at a time (NCHW only), which reads the data from memory once instead of
 // twice. `tensors` is how many tensors of the input's size the pass reads (x; or x and dy). Worth it when
 //  - the channel's data fits in L2, so that the second read comes from there;
-//  - its spans are at least a page long, or the whole data fits in L2: a channel of short spans lies scattered
-//    over C·inner-element strides, and reading it span by span from L3 or memory is latency-bound (at
-//    (32, 256, 14, 14), 784-byte spans, the two memory-order passes are faster);
-//  - there are enough channels to keep every thread busy (≥ 4 each), or the data is too large to stay in L3
-//    between two passes anyway (≥ 8 MB).
+//  - its spans are at least a page long: a channel of short spans lies scattered over C·inner-element strides, and
+//    reading it span by span from L3 or memory is latency-bound (at (32, 256, 14, 14), 784-byte spans, the two
+//    memory-order passes are faster);
+//  - the data (every tensor the pass reads) is at least half the 32 MB L3 of this project's machine. Below that, the
+//    second of two memory-order passes reads from L3 and they are faster: in bench_cpu's shuffled rounds the float32
+//    BN+ReLU steps of (8, 512, 7, 7) and (1, 64, 112, 112) took 2-10 % less time, bfloat16 (32, 64, 56, 56)'s
+//    training forward 27 % less. Above it, float32 (32, 64, 56, 56), 26 MB a tensor, one channel at a time is 12 %
+//    faster (HISTORY.md, session 21).
 // Results do not depend on it: both paths use the same items and merge order.
 inline bool channel_at_a_time(const Layout& l, int64_t element_bytes, int64_t tensors) {
-  constexpr int64_t kPageBytes = 4096, kL3ResidentBytes = 8 * 1024 * 1024;
-  constexpr int64_t kChannelsPerThread = 4;
+  constexpr int64_t kPageBytes = 4096, kHalfL3Bytes = 16 * 1024 * 1024;
   const int64_t channel_bytes = l.count_per_channel() * element_bytes * tensors;
-  const int64_t data_bytes = channel_bytes * l.channels;
-  if (l.inner <= 1 || l.channels < 2 || channel_bytes > kL2Bytes) return false;
-  if (l.inner * element_bytes < kPageBytes && data_bytes > kL2Bytes) return false;
-  return l.channels >= kChannelsPerThread * at::get_num_threads() || data_bytes >= kL3ResidentBytes;
+  if (l.inner <= 1 || l.inner * element_bytes < kPageBytes || channel_bytes > kL2Bytes) return false;
+  return channel_bytes * l.channels >= kHalfL3Bytes;
 }
 
 // Channels per thread in a channel-at-a-time pass: at least 16 384 values each. These passes do more work per
