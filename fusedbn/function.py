@@ -180,20 +180,21 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """
     apply = _apply if apply is None else apply
     use_batch_stats = training or running_mean is None
-    check_eps(eps, use_batch_stats)
-    if not isinstance(input, Tensor) or input.dim() != 4 or input.numel() == 0 \
-            or (running_mean is None) != (running_var is None):
+    if eps <= 0.0:
+        check_eps(eps, use_batch_stats)
+    if not isinstance(input, Tensor) or input.dim() != 4 or (running_mean is None) != (running_var is None) \
+            or input.numel() == 0:
         # The ops check their tensors (csrc/batch_norm/ops.cpp); where none of them would run, or the plan below
         # needs a 4-D input, the same checks run alone.
         ops.check_batch_norm(input, weight, bias, residual, running_mean, running_var, eps, use_batch_stats)
-    n, _, h, w = input.shape
-    if input.numel() == 0:
-        return _empty_batch(input, weight, bias, residual, activation, negative_slope, training,
-                            num_batches_tracked if running_mean is not None else None)
+        if input.numel() == 0:
+            return _empty_batch(input, weight, bias, residual, activation, negative_slope, training,
+                                num_batches_tracked if running_mean is not None else None)
     if not use_batch_stats:
         return apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
                       negative_slope, None, None, None, momentum)[0]
 
+    n, _, h, w = input.shape
     count = n * h * w
     has_running = running_mean is not None
     if training and has_running and torch._C._are_functorch_transforms_active() \
@@ -201,16 +202,19 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         raise RuntimeError("fusedbn: vmap over a batch norm in training mode would update running_mean and "
                            "running_var, which are not batched, in place (nn.BatchNorm2d refuses this too). Use "
                            "track_running_stats=False or eval mode")
-    fixed, prior = small_batch_plan(count, has_running, small_batch, min_count, prior_count,
-                                    lambda: small_batch_message(input, min_count))
-    if fixed and on_fallback is not None and not compiling():
-        on_fallback()
-    if fixed:
-        return apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
-                      negative_slope, None, None, None, momentum)[0]
-    # The blend reads the running statistics, which the op updates: give it a copy.
-    prior_mean = running_mean.detach().clone() if prior > 0 else None
-    prior_var = running_var.detach().clone() if prior > 0 else None
+    prior_mean = prior_var = None
+    if count < min_count:
+        fixed, prior = small_batch_plan(count, has_running, small_batch, min_count, prior_count,
+                                        lambda: small_batch_message(input, min_count))
+        if fixed:
+            if on_fallback is not None and not compiling():
+                on_fallback()
+            return apply(input, weight, bias, residual, running_mean, running_var, False, 0.0, eps, activation,
+                          negative_slope, None, None, None, momentum)[0]
+        if prior > 0:  # the blend reads the running statistics, which the op updates: give it a copy
+            prior_mean, prior_var = running_mean.detach().clone(), running_var.detach().clone()
+    else:
+        prior = 0.0
     update = training and has_running and count >= 2
     output, updated = apply(input, weight, bias, residual, prior_mean, prior_var, True, prior, eps, activation,
                              negative_slope, running_mean if update else None, running_var if update else None,
