@@ -175,8 +175,9 @@ def test_channel_at_a_time_backward_equals_the_separate_kernels(act, with_residu
 def test_streamed_outputs_equal_cached_ones(dtype, memory_format, act, with_residual):
     # A forward pass that moves more bytes than the last-level cache writes its output with streaming stores
     # (csrc/batch_norm/cpu/streaming_stores.h): here 110 to 330 MB, more than one core complex's cache on current
-    # CPUs, against at most 21 MB for the first image alone. The streamed values must be bitwise those that ordinary stores write for the
-    # same elements. Spans (509 x 1123) and rows (3 channels) of odd length start the streamed lines unaligned.
+    # CPUs, against at most 21 MB for the first image alone. The streamed values must be bitwise those that ordinary
+    # stores write for the same elements. Spans (509 x 1123) and rows (3 channels) of odd length start the streamed
+    # lines unaligned.
     ops = torch.ops.fusedbn
     shape = (16, 3, 509, 1123)
     x = random_input(shape, dtype, memory_format, requires_grad=False)
