@@ -106,35 +106,38 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                 f"with the running statistics (small_batch='running'). Running statistics are not updated "
                 f"from such batches.", UserWarning, stacklevel=4)
 
-    def _state(self, name: str) -> Optional[Tensor]:
-        """A parameter or buffer, read from the module's dicts: through nn.Module.__getattr__ each read costs about
-        1 µs, a fifth of the op on a small tensor. Falls back to the attribute where something else provides it
-        (a parametrization, a wrapper that replaced the parameter)."""
-        if name in self._parameters:
-            return self._parameters[name]
-        if name in self._buffers:
-            return self._buffers[name]
-        return getattr(self, name)
+    def _call_state(self) -> tuple:
+        """(weight, bias, running_mean, running_var, num_batches_tracked, batch_statistics) for a call in the current
+        mode, as nn.BatchNorm2d decides them: in training without tracking, the buffers are neither used nor updated;
+        num_batches_tracked only where training updates it; batch statistics in training or without buffers.
 
-    def statistics_for_call(self) -> tuple:
-        """(running_mean, running_var, num_batches_tracked, batch_statistics) for a call in the current mode, as
-        nn.BatchNorm2d decides them: in training without tracking, the buffers are neither used nor updated;
-        num_batches_tracked only where training updates it; batch statistics in training or without buffers."""
+        Parameters and buffers are read from the module's dicts: through nn.Module.__getattr__ each read costs about
+        1 µs, a fifth of the op on a small tensor. Where something else provides one of them (a parametrization, a
+        wrapper that replaced a parameter), all are read as attributes."""
+        params, buffers = self._parameters, self._buffers
+        try:
+            weight, bias = params["weight"], params["bias"]
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+            num_batches_tracked = buffers["num_batches_tracked"]
+        except KeyError:
+            weight, bias, running_mean, running_var, num_batches_tracked = (
+                self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked)
         training = self.training
         if training and not self.track_running_stats:
-            return None, None, None, True
-        state = self._state
-        running_mean = state("running_mean")
-        return (running_mean, state("running_var"), state("num_batches_tracked") if training else None,
+            return weight, bias, None, None, None, True
+        return (weight, bias, running_mean, running_var, num_batches_tracked if training else None,
                 training or running_mean is None)
+
+    def statistics_for_call(self) -> tuple:
+        """(running_mean, running_var, num_batches_tracked, batch_statistics) of ``_call_state``."""
+        return self._call_state()[2:]
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
-        running_mean, running_var, num_batches_tracked, batch_statistics = self.statistics_for_call()
-        return batch_norm(input, running_mean, running_var, num_batches_tracked, self._state("weight"),
-                          self._state("bias"), batch_statistics, self.momentum, self.eps, self.activation,
-                          self.negative_slope, residual, self.small_batch, self.min_count, self.prior_count,
-                          on_fallback=self._warn_small_batch)
+        weight, bias, running_mean, running_var, num_batches_tracked, batch_statistics = self._call_state()
+        return batch_norm(input, running_mean, running_var, num_batches_tracked, weight, bias, batch_statistics,
+                          self.momentum, self.eps, self.activation, self.negative_slope, residual, self.small_batch,
+                          self.min_count, self.prior_count, on_fallback=self._warn_small_batch)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._options_repr(with_activation=True)
