@@ -169,8 +169,8 @@ def test_half_precision_output_for_every_span_length(dtype, memory_format, chann
 def test_half_precision_input_gradient_for_every_span_length(dtype, memory_format, channels, hw):
     # The backward writes 16-bit dx from several loops (spans, runs of short spans, channels_last rows, the
     # channel-at-a-time pass: NCHW, 21 channels of 163 x 191, x and dy 18 MB), each with its vector body and scalar
-    # tail. With constant statistics (eval), mean 0,
-    # var + eps = 1 and no bias, dx = dy·[x·weight > 0]·weight, rounded once; -0 and +0 compare equal.
+    # tail. With constant statistics (eval), mean 0, var + eps = 1 and no bias, dx = dy·[x·weight > 0]·weight, rounded
+    # once; -0 and +0 compare equal.
     x = random_input((7, channels) + hw, dtype, memory_format)
     dy = torch.randn(x.shape).to(dtype).contiguous(memory_format=memory_format)
     weight = torch.randn(channels) * 3
