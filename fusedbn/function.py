@@ -180,8 +180,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """
     apply = _apply if apply is None else apply
     use_batch_stats = training or running_mean is None
-    if eps <= 0.0:
-        check_eps(eps, use_batch_stats)
+    check_eps(eps, use_batch_stats)
     if not isinstance(input, Tensor) or input.dim() != 4 or (running_mean is None) != (running_var is None) \
             or input.numel() == 0:
         # The ops check their tensors (csrc/batch_norm/ops.cpp); where none of them would run, or the plan below
